@@ -1,0 +1,1 @@
+"""ddpm-lab: ablation experiments for conditional DDPMs on i-CLEVR."""
