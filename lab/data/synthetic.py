@@ -1,0 +1,123 @@
+"""Synthetic i-CLEVR: render a data root in exactly the real format, deterministic by seed.
+
+Like i-CLEVR, each scene holds 3 different objects rendered as images `_0`, `_1`, `_2` showing the
+first 1, 2 and 3 of them. Besides train.json / test.json / new_test.json it writes the splits the real
+set lacks: `val.json` (label sets for model selection, so the test sets are only used for final
+scoring) and `heldout_pairs.json` / `heldout_test.json` (label pairs never seen together in training,
+for compositional generalisation).
+"""
+import json
+import os
+import shutil
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lab.data.iclevr import default_cache_dir
+from lab.data.render import COLORS, SHAPES, render_scene, sample_scene
+from lab.errors import UserError
+
+GENERATOR_VERSION = 1  # bump when the renderer or the splits change: cached roots are regenerated
+LABELS = [f"{color} {shape}" for shape in SHAPES for color in COLORS]  # the course's shape-major order
+SPLIT_SIZES = {  # (singles, doubles, triples), as in the real files
+    "test.json": (6, 12, 14),
+    "new_test.json": (0, 12, 20),
+    "val.json": (16, 24, 24),
+}
+NUM_HELDOUT_PAIRS = 8
+
+
+def _sample_set(rng, k, forbidden):
+    """k distinct label indices containing none of the forbidden pairs."""
+    while True:
+        labels = [int(i) for i in rng.choice(len(LABELS), size=k, replace=False)]
+        if not any(frozenset((a, b)) in forbidden for a in labels for b in labels if a != b):
+            return labels
+
+
+def make_splits(seed, scenes):
+    """Label indices per training scene (ordered) and the label sets of every evaluation split."""
+    rng = np.random.default_rng([seed, 0])
+    pairs = set()
+    while len(pairs) < NUM_HELDOUT_PAIRS:
+        pairs.add(frozenset(int(i) for i in rng.choice(len(LABELS), size=2, replace=False)))
+    train = [_sample_set(rng, 3, pairs) for _ in range(scenes)]
+    splits, taken = {}, set()
+    for name, counts in SPLIT_SIZES.items():
+        sets = []
+        for k, count in enumerate(counts, start=1):
+            while sum(len(s) == k for s in sets) < count:
+                labels = _sample_set(rng, k, pairs)
+                if frozenset(labels) not in taken:  # evaluation sets are distinct across splits
+                    taken.add(frozenset(labels))
+                    sets.append(labels)
+        splits[name] = sets
+    heldout = [sorted(p) for p in sorted(pairs, key=sorted)]
+    heldout_sets = [list(p) for p in heldout]
+    while len(heldout_sets) < 32:  # each held-out pair plus a third label
+        pair = heldout[len(heldout_sets) % len(heldout)]
+        third = int(rng.choice([i for i in range(len(LABELS)) if i not in pair]))
+        heldout_sets.append([*pair, third])
+    splits["heldout_test.json"] = heldout_sets
+    splits["heldout_pairs.json"] = heldout
+    return train, splits
+
+
+def _render_scene_files(args):
+    folder, name, seed, scene, labels, width, height = args
+    rng = np.random.default_rng([seed, 1, scene])  # per scene: output does not depend on scheduling
+    objects = sample_scene(rng, [tuple(LABELS[i].split()) for i in labels])
+    for k in range(len(objects)):
+        image = render_scene(objects[:k + 1], width, height)
+        Image.fromarray(image).save(folder / f"{name}_{k}.png", compress_level=1)
+
+
+def write_root(out, scenes=6003, seed=0, width=320, height=240, workers=None, progress=True):
+    """Render a complete root into `out` (written beside it first, then renamed into place)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(out, "already exists and is not empty; choose another --out or remove it")
+    partial = out.with_name(out.name + f".partial{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "iclevr").mkdir(parents=True)
+    train, splits = make_splits(seed, scenes)
+    names = [f"CLEVR_train_{scene:06d}" for scene in range(scenes)]
+    jobs = [(partial / "iclevr", names[s], seed, s, train[s], width, height) for s in range(scenes)]
+    start = time.time()
+    workers = workers or os.cpu_count() or 1
+    with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+        for done, _ in enumerate(pool.imap_unordered(_render_scene_files, jobs, chunksize=16), 1):
+            if progress and (done % 500 == 0 or done == scenes):
+                print(f"rendered {done}/{scenes} scenes ({time.time() - start:.0f} s)", flush=True)
+
+    def names_of(sets):
+        return [[LABELS[i] for i in labels] for labels in sets]
+    table = {f"{names[s]}_{k}.png": names_of([train[s][:k + 1]])[0] for s in range(scenes) for k in range(3)}
+    files = {"objects.json": {name: i for i, name in enumerate(LABELS)}, "train.json": table,
+             **{name: names_of(sets) for name, sets in splits.items()},
+             "synthetic.json": {"generator_version": GENERATOR_VERSION, "seed": seed, "scenes": scenes,
+                                "width": width, "height": height}}
+    for name, content in files.items():
+        (partial / name).write_text(json.dumps(content, indent=None if name == "train.json" else 1))
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
+    except OSError:  # another process finished the same root first: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (out / "synthetic.json").is_file():
+            raise
+    return out
+
+
+def default_root(seed=0, scenes=6003, cache_dir=None):
+    """The embedded default dataset: rendered into the cache folder on first use, reused afterwards."""
+    root = Path(cache_dir or default_cache_dir()) / f"synthetic-iclevr-v{GENERATOR_VERSION}-s{seed}-n{scenes}"
+    if not (root / "synthetic.json").is_file():
+        print(f"Rendering the synthetic i-CLEVR set ({scenes} scenes) into {root} (once)", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+        write_root(root, scenes=scenes, seed=seed)
+    return root
