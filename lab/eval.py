@@ -8,7 +8,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import tempfile
 import time

@@ -1,5 +1,4 @@
 """The evaluator: the course's accuracy rule, its checkpoint format, the error breakdowns."""
-import pickle
 
 import pytest
 import torch
