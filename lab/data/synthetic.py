@@ -88,10 +88,14 @@ def write_root(out, scenes=6003, seed=0, width=320, height=240, workers=None, pr
     jobs = [(partial / "iclevr", names[s], seed, s, train[s], width, height) for s in range(scenes)]
     start = time.time()
     workers = workers or os.cpu_count() or 1
-    with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-        for done, _ in enumerate(pool.imap_unordered(_render_scene_files, jobs, chunksize=16), 1):
-            if progress and (done % 500 == 0 or done == scenes):
-                print(f"rendered {done}/{scenes} scenes ({time.time() - start:.0f} s)", flush=True)
+    try:
+        with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+            for done, _ in enumerate(pool.imap_unordered(_render_scene_files, jobs, chunksize=16), 1):
+                if progress and (done % 500 == 0 or done == scenes):
+                    print(f"rendered {done}/{scenes} scenes ({time.time() - start:.0f} s)", flush=True)
+    except BaseException:  # an interrupted render leaves nothing behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
     def names_of(sets):
         return [[LABELS[i] for i in labels] for labels in sets]

@@ -1,0 +1,222 @@
+"""Experiment configs: YAML files that name a base and hold only what they change, validated by a schema.
+
+    base.yaml  <-  ablations/cross_attn.yaml (base: ../base.yaml)  <-  --set train.lr=3e-4
+
+Nested keys deep-merge, lists are replaced. The merged result is checked against `ExperimentConfig`;
+an unknown key, a wrong type or an out-of-range value is one line naming the dotted key and the file
+that set it.
+"""
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lab.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _choice(registry_module, registry_name):
+    """A validator that accepts only names in a registry dict and lists them otherwise."""
+    def check(value):
+        import importlib
+        registry = getattr(importlib.import_module(registry_module), registry_name)
+        if value not in registry:
+            raise ValueError(f"unknown name {value!r}; choose one of: {', '.join(registry)}")
+        return value
+    return check
+
+
+class DataConfig(Section):
+    root: Optional[str] = None           # an i-CLEVR root; null = the synthetic set, rendered once into the cache
+    image_size: int = Field(64, ge=8, le=512)
+    image_dir: str = "iclevr"            # image folder inside the root
+    synthetic_scenes: int = Field(6003, ge=1)  # size of the synthetic default (3 images a scene)
+    synthetic_seed: int = 0
+    hflip: bool = False                  # random horizontal flips (labels have no left/right)
+    on_device: bool = True               # keep the uint8 training set resident on the GPU
+
+
+class ModelConfig(Section):
+    unet: str = "reference"              # lab.model_zoo.UNETS
+    conditioning: str = "time_add"       # lab.model_zoo.CONDITIONING
+    overrides: dict = {}                 # extra diffusers UNet kwargs (e.g. block_out_channels)
+    cfg_dropout: float = Field(0.0, ge=0, lt=1)  # label dropout to the learned null condition (CFG)
+    check_unet = field_validator("unet")(_choice("lab.model_zoo", "UNETS"))
+    check_conditioning = field_validator("conditioning")(_choice("lab.model_zoo", "CONDITIONING"))
+
+
+class DiffusionConfig(Section):
+    beta_schedule: str = "cosine"        # lab.schedules.BETA_SCHEDULES
+    num_train_timesteps: int = Field(1000, ge=2, le=10000)
+    prediction_type: str = "epsilon"     # epsilon | v_prediction
+    check_beta_schedule = field_validator("beta_schedule")(_choice("lab.schedules", "BETA_SCHEDULES"))
+    check_prediction_type = field_validator("prediction_type")(_choice("lab.schedules", "PREDICTION_TYPES"))
+
+
+class EmaConfig(Section):
+    enabled: bool = True
+    decay: float = Field(0.9999, gt=0, lt=1)
+    warmup: bool = True                  # diffusers' EMA warm-up: short runs still get useful EMA weights
+
+
+class TrainConfig(Section):
+    epochs: int = Field(100, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # stop early after this many optimizer steps
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_accum: int = Field(1, ge=1)     # micro-batches per optimizer step
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    ema: EmaConfig = EmaConfig()
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto = bf16 autocast on GPU
+    compile: bool = False                # torch.compile the UNet
+    log_every: int = Field(50, ge=1)     # steps between loss/lr/throughput points
+    checkpoint_every: int = Field(1, ge=1)  # epochs between "latest" checkpoints
+
+
+class EvalConfig(Section):
+    every_epochs: int = Field(5, ge=1)   # validation sampling + evaluator score
+    split: str = "val.json"              # label sets for model selection (never the test sets)
+    sampler: str = "ddim"                # lab.schedules.SAMPLERS
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0, le=1)
+    guidance_scale: float = Field(1.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    evaluator: Optional[str] = None      # the course's checkpoint.pth; null = ours for the data root
+    test_splits: list[str] = ["test.json", "new_test.json"]
+    final_seeds: int = Field(1, ge=1)    # sampling seeds for the final test scores (mean ± std)
+    check_sampler = field_validator("sampler")(_choice("lab.schedules", "SAMPLERS"))
+
+
+class ExperimentConfig(Section):
+    experiment: str = "ddpm-lab"         # MLflow experiment name
+    run_name: Optional[str] = None       # default: the config file's stem
+    ablation: str = "base"               # the axis this file varies (a tag for compare.py)
+    seed: int = 0
+    seeds: Optional[list[int]] = None    # repeat the experiment over these seeds (one run each)
+    tracking_uri: Optional[str] = None   # default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    output_dir: str = "runs"             # checkpoints go to OUTPUT_DIR/<run name>/
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def read_yaml(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(path, "config file not found")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise UserError(path, f"malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise UserError(path, "expected a mapping of config keys at the top level")
+    return content
+
+
+def deep_merge(base, override, origin, source, prefix=""):
+    """Merge `override` into a copy of `base`, recording in `origin` which source set each dotted key."""
+    merged = dict(base)
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "overrides":
+            merged[key] = deep_merge(merged[key], value, origin, source, dotted + ".")
+        else:
+            merged[key] = value
+            origin[dotted] = source
+    return merged
+
+
+def load_layers(path, origin, seen=()):
+    """A config file merged over the chain of bases it names (`base:` relative to the file)."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise UserError(path, "base chain loops back to this file")
+    content = read_yaml(path)
+    base = content.pop("base", None)
+    merged = {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise UserError(path, f"base: expected a file path, got {base!r}")
+        merged = load_layers(path.parent / base, origin, (*seen, path))
+    return deep_merge(merged, content, origin, path)
+
+
+def parse_set(assignment):
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003): values parse as YAML scalars."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise UserError("--set", f"expected key=value, got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError("--set", f"{key}: value {raw!r} is not valid YAML") from None
+    return key.split("."), value
+
+
+def nested(keys, value):
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def validate(raw, origin, default_source):
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        error = e.errors()[0]
+        dotted = ".".join(str(part) for part in error["loc"])
+        source = next((origin[k] for k in _prefixes(dotted) if k in origin), default_source)
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if "input" in error and error["type"] not in ("missing", "value_error"):
+                message += f" (got {error['input']!r})"
+        raise UserError(source, f"{dotted}: {message}") from None
+
+
+def _prefixes(dotted):
+    parts = dotted.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def load_config(path, overrides=()):
+    """Resolve a config file, its bases and `--set` overrides into a validated ExperimentConfig."""
+    origin = {}
+    raw = load_layers(path, origin)
+    for assignment in overrides:
+        keys, value = parse_set(assignment)
+        raw = deep_merge(raw, nested(keys, value), origin, "--set")
+    if "run_name" not in raw or raw["run_name"] is None:
+        raw["run_name"] = Path(path).stem
+    return validate(raw, origin, Path(path))
+
+
+def to_yaml(config):
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(config, prefix=""):
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}: MLflow params and table columns."""
+    items = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    flat = {}
+    for key, value in items.items():
+        if isinstance(value, dict) and value and key != "overrides":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,110 @@
+"""MLflow tracking: one run per experiment, params from the resolved config, metrics logged async.
+
+Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
+sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
+"""
+import io
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from lab.config import flatten, to_yaml
+from lab.errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
+
+
+def resolve_uri(config_uri=None):
+    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri, where="tracking_uri"):
+    """Fail in one line before anything starts, instead of MLflow retrying for minutes."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(where, f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise UserError(where, f"folder {folder} of the SQLite store {uri} does not exist")
+
+
+def git_commit(path="."):
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(path).resolve().parent if Path(path).is_file()
+                              else path, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """An MLflow run of one experiment: started fresh, or resumed by id after a restart."""
+
+    def __init__(self, uri):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = None
+        self.pending = []
+
+    def start(self, config, config_path, run_id=None, parent_run_id=None, extra_tags=None):
+        """Create the run (params, tags, resolved YAML) or reopen `run_id` without re-logging params."""
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id
+        experiment = self.client.get_experiment_by_name(config.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
+        tags = {"mlflow.runName": config.run_name, "config_file": str(config_path), "ablation": config.ablation,
+                "seed": str(config.seed), "git_commit": git_commit(config_path), **(extra_tags or {})}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=config.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):  # MLflow's batch limit for params
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_text(self.run_id, to_yaml(config), "config.yaml")
+        return self.run_id
+
+    def log_metrics(self, metrics, step):
+        """Queue metrics; they are sent in one batch, asynchronously, so training never waits."""
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) >= 200:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False)
+            self.pending = []
+
+    def set_tags(self, tags):
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_image(self, image, artifact_file):
+        """A PIL image as a PNG artifact."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(buffer.getvalue())
+            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+
+    def log_artifact(self, path, artifact_dir=None):
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def end(self, status="FINISHED"):
+        self.flush()
+        mlflow.flush_async_logging()
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,357 @@
+"""The training loop: read it top to bottom.
+
+`prepare` turns a validated config into built objects (data, evaluator, model, schedulers) and fails,
+before any MLflow run exists, on anything a user got wrong. `train` runs the loop: EMA, gradient
+accumulation and clipping, LR warm-up and decay, periodic validation on `eval.split` with the EMA
+weights, atomic `latest.pt` (resume state) and `best.pt` (EMA weights for sampling) checkpoints,
+and a final score of the best checkpoint on the test splits.
+"""
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from lab.checkpoints import atomic_save, safe_load
+from lab.config import to_yaml
+from lab.data import load_condition_sets, load_train, normalize, resolve_root, to_uint8
+from lab.errors import UserError
+from lab.eval import ensure_evaluator, frechet_distance
+from lab.model_zoo import build_model
+from lab.schedules import denoising_strip, make_noise_scheduler, sample, training_target
+from lab.tracking import Tracker, check_reachable, resolve_uri
+
+STRIP_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
+EVALUATOR_SIZE = 64  # the evaluator sees 64x64 images whatever size the model draws
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class Stop(Exception):
+    """Raised by an `on_validation` callback to end a run early (a pruned sweep trial)."""
+
+
+@dataclass
+class Setup:
+    config: object
+    config_path: Path
+    device: torch.device
+    data: object            # TrainingSet
+    val_labels: torch.Tensor
+    test_labels: dict       # split name -> multi-hot label sets
+    evaluator: object
+    model: torch.nn.Module
+    noise_scheduler: object
+    out_dir: Path
+
+
+def pick_device(name=None):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare(config, config_path, device=None):
+    """Everything a run needs, checked before a run is created: a bad input leaves nothing behind."""
+    device = pick_device(device)
+    check_reachable(resolve_uri(config.tracking_uri))
+    root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+    split_files = [config.eval.split, *config.eval.test_splits]
+    for name in split_files:
+        if not (root / name).is_file():
+            raise UserError(root / name, "label-set file not found (eval.split / eval.test_splits)")
+    seed_everything(config.seed)
+    model = build_model(config.model.unet, config.model.conditioning, image_size=config.data.image_size,
+                        **config.model.overrides).to(device)
+    data = load_train(root, config.data.image_size, config.data.image_dir)
+    if data.labels.shape[1] != model.build_kwargs["num_labels"]:
+        raise UserError(root, f"{data.labels.shape[1]} labels in objects.json; the models expect 24")
+    return Setup(
+        config=config, config_path=Path(config_path), device=device, data=data,
+        val_labels=load_condition_sets(root, config.eval.split),
+        test_labels={name: load_condition_sets(root, name) for name in config.eval.test_splits},
+        evaluator=ensure_evaluator(root, config.eval.evaluator, device),
+        model=model,
+        noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule, config.diffusion.num_train_timesteps,
+                                             config.diffusion.prediction_type),
+        out_dir=Path(config.output_dir) / config.run_name,
+    )
+
+
+def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_scale=None, batch_size=None):
+    """Samples for every row of `labels` with the configured fast sampler, in batches."""
+    cfg = setup.config.eval
+    generator = torch.Generator(setup.device).manual_seed(seed)
+    images = []
+    with autocast(setup):
+        for chunk in labels.split(batch_size or cfg.batch_size):
+            images.append(sample(model, chunk.to(setup.device), train_scheduler=setup.noise_scheduler,
+                                 sampler=sampler or cfg.sampler, steps=steps or cfg.steps, eta=cfg.eta,
+                                 guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
+                                 generator=generator, image_size=setup.config.data.image_size).float())
+    return torch.cat(images)
+
+
+def for_evaluator(images):
+    if images.shape[-1] != EVALUATOR_SIZE:
+        images = F.interpolate(images, size=EVALUATOR_SIZE, mode="bilinear", antialias=True, align_corners=False)
+    return images.clamp(-1, 1)
+
+
+def grid_image(images, nrow=8):
+    """A PIL grid (8 per row) of images in [-1, 1]."""
+    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def autocast(setup):
+    mode = setup.config.train.mixed_precision
+    enabled = mode == "bf16" or (mode == "auto" and setup.device.type == "cuda")
+    return torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def strip_image(model, setup, seed):
+    """The denoising strip: one row per STRIP_LABELS entry, from pure noise to the final image."""
+    names = setup.data.label_names
+    if not all(name in names for name in STRIP_LABELS):
+        return None
+    labels = torch.zeros(len(STRIP_LABELS), len(names), device=setup.device)
+    for row, name in enumerate(STRIP_LABELS):
+        labels[row, names.index(name)] = 1
+    cfg = setup.config.eval
+    with autocast(setup):
+        frames = denoising_strip(model, labels, frames=10, train_scheduler=setup.noise_scheduler, sampler=cfg.sampler,
+                                 steps=cfg.steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                                 generator=torch.Generator(setup.device).manual_seed(seed),
+                                 image_size=setup.config.data.image_size)
+    return grid_image(frames.float().transpose(0, 1).flatten(0, 1), nrow=frames.shape[0])
+
+
+def real_features(setup, count=2048):
+    """Evaluator features of a fixed sample of training images: the reference for the Fréchet distance."""
+    idx = torch.randperm(len(setup.data.images), generator=torch.Generator().manual_seed(0))[:count]
+    return setup.evaluator.features(for_evaluator(normalize(setup.data.images[idx])))
+
+
+def sampling_state(model, ema):
+    """The weights used for evaluation and sampling: the EMA copy when EMA is on."""
+    if ema is None:
+        return model
+    ema_model = copy.deepcopy(model)
+    ema.copy_to(ema_model.parameters())
+    return ema_model
+
+
+def load_for_sampling(path, device="cpu"):
+    """best.pt -> (model, resolved config YAML text) for scoring or sampling later."""
+    from lab.config import ExperimentConfig
+    import yaml
+    state = safe_load(path)
+    config = ExperimentConfig.model_validate(yaml.safe_load(state["config"]))
+    model = build_model(config.model.unet, config.model.conditioning, image_size=config.data.image_size,
+                        **config.model.overrides)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(path, f"weights do not fit the model its config describes ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), config
+
+
+def score_splits(model, setup, seeds, log_grid=None):
+    """Test accuracy of a model on each test split over several sampling seeds: {split: (mean, std, list)}."""
+    scores = {}
+    for name, labels in setup.test_labels.items():
+        accs = []
+        for seed in range(seeds):
+            images = generate(model, labels, setup, seed=10_000 + seed)
+            accs.append(setup.evaluator.accuracy(for_evaluator(images), labels))
+            if seed == 0 and log_grid:
+                log_grid(grid_image(images), f"test/{Path(name).stem}.png")
+        scores[name] = (float(np.mean(accs)), float(np.std(accs)), accs)
+    return scores
+
+
+def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
+    """Train one experiment, resuming from `out_dir/latest.pt` when a previous attempt was cut short."""
+    config, device, model = setup.config, setup.device, setup.model
+    tc = config.train
+    out = setup.out_dir
+    latest, best_path = out / "latest.pt", out / "best.pt"
+    resume = None if fresh else load_resume_state(latest, config)
+    if resume and resume.get("finished"):
+        log(f"{out} holds a finished run (MLflow run {resume['run_id']}); pass --fresh to train again")
+        return resume["summary"]
+
+    # --- optimisation objects ---------------------------------------------------------------------
+    images = setup.data.images.to(device) if config.data.on_device else setup.data.images
+    labels = setup.data.labels.to(images.device)
+    per_step = tc.batch_size * tc.grad_accum
+    steps_per_epoch = max(len(images) // per_step, 1)
+    total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or math.inf)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    fused = device.type == "cuda"
+    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
+    lr_schedule = get_scheduler("cosine" if tc.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
+                                num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
+    ema = EMAModel(model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.warmup) if tc.ema.enabled else None
+    forward = torch.compile(model) if tc.compile else model  # state_dicts stay on `model`: no _orig_mod. prefix
+    gen = torch.Generator(device).manual_seed(config.seed)
+    step, start_epoch, best_acc, run_id = 0, 0, -1.0, None
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        lr_schedule.load_state_dict(resume["lr_schedule"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        step, start_epoch, best_acc, run_id = resume["step"], resume["epoch"], resume["best_acc"], resume["run_id"]
+        log(f"resuming {out} at epoch {start_epoch}, step {step} (MLflow run {run_id})")
+
+    tracker = tracker or Tracker(resolve_uri(config.tracking_uri))
+    run_id = tracker.start(config, setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
+                           extra_tags=extra_tags)
+    T = setup.noise_scheduler.config.num_train_timesteps
+    reference_features = None
+    status = "FAILED"
+    try:
+        bar = tqdm(total=total_steps, initial=step, desc=config.run_name, mininterval=1, disable=None)
+        stats = torch.zeros(2, 4, device=device)  # rows: loss sum, sample count; columns: timestep quartile
+        window_start, window_images = time.perf_counter(), 0
+        for epoch in range(start_epoch, epochs):
+            model.train()
+            order = torch.randperm(len(images), generator=gen, device=device).to(images.device)
+            for i in range(steps_per_epoch):
+                for micro in range(tc.grad_accum):
+                    idx = order[(i * tc.grad_accum + micro) * tc.batch_size:][:tc.batch_size]
+                    x0 = normalize(images[idx].to(device, non_blocking=True))
+                    y = labels[idx].to(device, non_blocking=True)
+                    b = len(x0)
+                    if config.data.hflip:
+                        flip = torch.rand(b, generator=gen, device=device) < 0.5
+                        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+                    noise = torch.randn(x0.shape, generator=gen, device=device)
+                    t = torch.randint(0, T, (b,), generator=gen, device=device)
+                    drop = (torch.rand(b, generator=gen, device=device) < config.model.cfg_dropout
+                            if config.model.cfg_dropout > 0 else None)
+                    with autocast(setup):
+                        pred = forward(setup.noise_scheduler.add_noise(x0, noise, t), t, y, drop)
+                    per_sample = (pred.float() - training_target(setup.noise_scheduler, x0, noise, t)).square().mean((1, 2, 3))
+                    (per_sample.mean() / tc.grad_accum).backward()
+                    quartile = (t * 4 // T).clamp(max=3)
+                    stats[0].index_add_(0, quartile, per_sample.detach())
+                    stats[1].index_add_(0, quartile, torch.ones_like(per_sample))
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.step(model.parameters())
+                step += 1
+                window_images += per_step
+                bar.update()
+                if step % tc.log_every == 0 or step == total_steps:
+                    loss_sum, count = stats[0].cpu(), stats[1].cpu()  # the only host sync of the loop
+                    loss = float(loss_sum.sum() / count.sum())
+                    if not math.isfinite(loss):
+                        raise NonFiniteLoss(setup.config_path, f"loss became {loss} by step {step} "
+                                            f"(last good checkpoint: {latest if latest.exists() else 'none'})")
+                    elapsed = time.perf_counter() - window_start
+                    metrics = {"loss": loss, "lr": lr_schedule.get_last_lr()[0], "epoch": epoch,
+                               "images_per_s": window_images / max(elapsed, 1e-9)}
+                    metrics.update({f"loss_q{q + 1}": float(loss_sum[q] / count[q]) for q in range(4) if count[q]})
+                    tracker.log_metrics(metrics, step)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
+                    stats.zero_()
+                    window_start, window_images = time.perf_counter(), 0
+                if step >= total_steps:
+                    break
+            last = step >= total_steps
+            if (epoch + 1) % config.eval.every_epochs == 0 or last:
+                if reference_features is None:
+                    reference_features = real_features(setup)
+                sampler_model = sampling_state(model, ema)
+                images_val = generate(sampler_model, setup.val_labels, setup, seed=config.seed)
+                acc = setup.evaluator.accuracy(for_evaluator(images_val), setup.val_labels)
+                fd = frechet_distance(setup.evaluator.features(for_evaluator(images_val)), reference_features)
+                tracker.log_metrics({"val_accuracy": acc, "val_fd": fd}, step)
+                tracker.log_image(grid_image(images_val), f"samples/val_step{step:07d}.png")
+                strip = strip_image(sampler_model, setup, config.seed)
+                if strip is not None:
+                    tracker.log_image(strip, f"strips/denoising_step{step:07d}.png")
+                if acc > best_acc:
+                    best_acc = acc
+                    atomic_save({"model": sampler_model.state_dict(), "config": to_yaml(config), "step": step,
+                                 "val_accuracy": acc}, best_path)
+                del sampler_model
+                bar.write(f"step {step}: val accuracy {acc:.3f} (best {best_acc:.3f}), fd {fd:.1f}")
+                if on_validation is not None:
+                    on_validation(step, acc)  # may raise Stop (a pruned trial)
+            if (epoch + 1) % tc.checkpoint_every == 0 or last:
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
+                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                             "epoch": epoch + 1, "best_acc": best_acc, "run_id": run_id,
+                             "config": to_yaml(config)}, latest)
+            if last:
+                break
+        bar.close()
+        tracker.flush()
+        summary = finish(setup, tracker, best_path, best_acc, step)
+        state = safe_load(latest)
+        atomic_save({**state, "finished": True, "summary": summary}, latest)
+        status = "FINISHED"
+        return summary
+    except Stop:
+        status = "KILLED"
+        raise
+    except NonFiniteLoss as e:
+        tracker.set_tags({"failed_step": step, "failure": str(e)})
+        raise
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+def finish(setup, tracker, best_path, best_acc, step):
+    """Score the best checkpoint once on the test splits; log the scores and the checkpoint."""
+    model, _ = load_for_sampling(best_path, setup.device)
+    scores = score_splits(model, setup, setup.config.eval.final_seeds, log_grid=tracker.log_image)
+    metrics = {"best_val_accuracy": best_acc}
+    for name, (mean, std, _) in scores.items():
+        metrics[f"{Path(name).stem}_accuracy"] = mean
+        metrics[f"{Path(name).stem}_accuracy_std"] = std
+    tracker.log_metrics(metrics, step)
+    tracker.log_artifact(best_path, "checkpoints")
+    return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path)}
+
+
+def load_resume_state(path, config):
+    """The resume state of an interrupted run of the same config, or None for a fresh start."""
+    if not path.exists():
+        return None
+    state = safe_load(path, "resume checkpoint")
+    if state.get("config") != to_yaml(config):
+        raise UserError(path, "belongs to a run with a different config; pass --fresh to start over, "
+                              "or set another run_name/output_dir")
+    return state

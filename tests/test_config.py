@@ -1,0 +1,90 @@
+"""YAML configs: base chains, deep merge, --set with types checked, one-line errors naming key and file."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.config import flatten, load_config, read_yaml, to_yaml
+from lab.errors import UserError
+
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_config_resolves(path):
+    config = load_config(path)
+    assert yaml.safe_load(to_yaml(config))["model"]["unet"] == config.model.unet
+
+
+def test_base_is_the_reference_setup():
+    config = load_config(EXPERIMENTS / "base.yaml")
+    assert (config.model.unet, config.model.conditioning) == ("reference", "time_add")
+    assert (config.diffusion.beta_schedule, config.diffusion.num_train_timesteps, config.diffusion.prediction_type) == \
+        ("cosine", 1000, "epsilon")
+    assert (config.train.optimizer, config.train.lr) == ("adam", 1e-4)
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_ablations_hold_only_their_deltas(path):
+    raw = read_yaml(path)
+    assert raw.pop("base") == "../base.yaml"
+    base = flatten(load_config(EXPERIMENTS / "base.yaml"))
+    changed = flatten(raw)
+    assert set(changed) - {"ablation"}, "an ablation changes something"
+    for key, value in changed.items():
+        assert key in base and base[key] != value, f"{path.name}: {key} repeats the base value"
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_deep_merge_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "train:\n  lr: 1.0e-4\n  ema:\n    decay: 0.999\nmodel:\n  unet: small\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ntrain:\n  ema:\n    enabled: false\n")
+    config = load_config(child, ["train.lr=3e-4", "eval.test_splits=[test.json]", "model.overrides={dropout: 0.1}"])
+    assert config.train.lr == 3e-4 and config.train.ema.decay == 0.999 and not config.train.ema.enabled
+    assert config.model.unet == "small" and config.eval.test_splits == ["test.json"]
+    assert config.model.overrides == {"dropout": 0.1} and config.run_name == "child"
+    assert flatten(config)["train.ema.decay"] == 0.999
+
+
+@pytest.mark.parametrize("text, overrides, where, words", [
+    ("base: base.yaml\ntrain:\n  lrr: 1\n", [], "child.yaml", "train.lrr: unknown key (a typo?)"),
+    ("base: base.yaml\n", ["train.lrr=1"], "--set", "train.lrr: unknown key"),
+    ("base: base.yaml\n", ["train.epochs=ten"], "--set", "train.epochs: Input should be a valid integer"),
+    ("base: base.yaml\ntrain:\n  lr: -0.1\n", [], "child.yaml", "train.lr: Input should be greater than 0"),
+    ("base: base.yaml\nmodel:\n  conditioning: film\n", [], "child.yaml",
+     "model.conditioning: unknown name 'film'; choose one of: time_add, adagn, cross_attn, concat"),
+    ("base: base.yaml\neval:\n  sampler: euler\n", [], "child.yaml", "eval.sampler: unknown name 'euler'; choose one of: ddpm"),
+    ("base: base.yaml\ndiffusion:\n  beta_schedule: quadratic\n", [], "child.yaml", "choose one of: linear, cosine"),
+    ("base: base.yaml\ntrain: [\n", [], "child.yaml", "malformed YAML at line 3"),
+    ("base: missing.yaml\n", [], "missing.yaml", "config file not found"),
+    ("base: base.yaml\n", ["train.lr"], "--set", "expected key=value"),
+])
+def test_bad_configs_give_one_line(tmp_path, text, overrides, where, words):
+    write(tmp_path, "base.yaml", "train:\n  lr: 1.0e-4\n")
+    child = write(tmp_path, "child.yaml", text)
+    with pytest.raises(UserError) as err:
+        load_config(child, overrides)
+    message = str(err.value)
+    assert where in message and words in message and "\n" not in message, message
+
+
+def test_the_file_that_set_a_bad_value_is_named(tmp_path):
+    write(tmp_path, "base.yaml", "train:\n  batch_size: 0\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(UserError, match=r"base.yaml: train.batch_size: Input should be greater than or equal to 1"):
+        load_config(child)
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    from run_experiment import main
+    assert main([str(EXPERIMENTS / "ablations" / "cond_cross_attn.yaml"), "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["conditioning"] == "cross_attn" and printed["model"]["unet"] == "reference"
+    assert main([str(EXPERIMENTS / "base.yaml"), "--dry-run", "--set", "train.lrr=1"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --set: train.lrr: unknown key (a typo?)"
