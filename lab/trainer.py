@@ -187,6 +187,19 @@ def score_splits(model, setup, seeds, log_grid=None):
     return scores
 
 
+def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.0):
+    """Per-sample MSE to the training target at random timesteps, and those timesteps.
+
+    With cfg_dropout > 0 a random share of rows uses the learned null condition (classifier-free guidance).
+    """
+    b, device = len(x0), x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+    drop = torch.rand(b, generator=generator, device=device) < cfg_dropout if cfg_dropout > 0 else None
+    pred = model(noise_scheduler.add_noise(x0, noise, t), t, labels, drop)
+    return (pred.float() - training_target(noise_scheduler, x0, noise, t)).square().mean((1, 2, 3)), t
+
+
 def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
     """Train one experiment, resuming from `out_dir/latest.pt` when a previous attempt was cut short."""
     config, device, model = setup.config, setup.device, setup.model
@@ -243,17 +256,12 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                     idx = order[(i * tc.grad_accum + micro) * tc.batch_size:][:tc.batch_size]
                     x0 = normalize(images[idx].to(device, non_blocking=True))
                     y = labels[idx].to(device, non_blocking=True)
-                    b = len(x0)
                     if config.data.hflip:
-                        flip = torch.rand(b, generator=gen, device=device) < 0.5
+                        flip = torch.rand(len(x0), generator=gen, device=device) < 0.5
                         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-                    noise = torch.randn(x0.shape, generator=gen, device=device)
-                    t = torch.randint(0, T, (b,), generator=gen, device=device)
-                    drop = (torch.rand(b, generator=gen, device=device) < config.model.cfg_dropout
-                            if config.model.cfg_dropout > 0 else None)
                     with autocast(setup):
-                        pred = forward(setup.noise_scheduler.add_noise(x0, noise, t), t, y, drop)
-                    per_sample = (pred.float() - training_target(setup.noise_scheduler, x0, noise, t)).square().mean((1, 2, 3))
+                        per_sample, t = diffusion_loss(forward, setup.noise_scheduler, x0, y, gen,
+                                                       config.model.cfg_dropout)
                     (per_sample.mean() / tc.grad_accum).backward()
                     quartile = (t * 4 // T).clamp(max=3)
                     stats[0].index_add_(0, quartile, per_sample.detach())

@@ -18,7 +18,7 @@ def contact_sheet(root, out, count=24, columns=6):
     table = read_json(Path(root) / "train.json")
     names = list(table)[:count]
     rows = -(-len(names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.1), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):

@@ -1,0 +1,111 @@
+"""Every experiment YAML trains a step and samples; a tiny end-to-end run leaves a full MLflow record."""
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lab.config import load_config
+from lab.eval import build_resnet, save_checkpoint
+from lab.model_zoo import build_model
+from lab.schedules import make_noise_scheduler, sample
+from lab.trainer import diffusion_loss
+
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_config_trains_a_step_and_samples(path):
+    """The real architecture of each file, shrunk the lightning-hydra way: 32x32, 10 timesteps, batch 2."""
+    config = load_config(path, ["data.image_size=32", "diffusion.num_train_timesteps=10"])
+    torch.manual_seed(0)
+    model = build_model(config.model.unet, config.model.conditioning, image_size=32, **config.model.overrides)
+    scheduler = make_noise_scheduler(config.diffusion.beta_schedule, 10, config.diffusion.prediction_type)
+    labels = torch.zeros(2, 24)
+    labels[0, [1, 9]] = labels[1, 20] = 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, t = diffusion_loss(model, scheduler, torch.rand(2, 3, 32, 32) * 2 - 1, labels,
+                             torch.Generator().manual_seed(0), max(config.model.cfg_dropout, 0.5))
+    loss.mean().backward()
+    optimizer.step()
+    assert torch.isfinite(loss).all() and t.shape == (2,)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    images = sample(model, labels, train_scheduler=scheduler, sampler=config.eval.sampler, steps=2,
+                    guidance_scale=config.eval.guidance_scale, generator=torch.Generator().manual_seed(0), image_size=32)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all() and images.abs().max() <= 1
+
+
+TINY = """
+base: {base}
+experiment: tiny
+data:
+  root: {root}
+  image_size: 32
+model:
+  unet: tiny
+  cfg_dropout: 0.2
+diffusion:
+  num_train_timesteps: 50
+train:
+  epochs: 3
+  batch_size: 8
+  lr: 1.0e-3
+  warmup_steps: 2
+  log_every: 2
+eval:
+  every_epochs: 2
+  steps: 3
+  guidance_scale: 2.0
+  evaluator: {evaluator}
+  final_seeds: 2
+"""
+
+
+@pytest.fixture
+def tiny_experiment(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    evaluator = tmp_path / "evaluator.pth"
+    torch.manual_seed(0)
+    save_checkpoint(build_resnet(), evaluator)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=evaluator))
+    return path
+
+
+@pytest.mark.slow
+def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
+    from run_experiment import main
+    assert main([str(tiny_experiment)]) == 0
+    printed = capsys.readouterr().out
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_id in printed
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["model.unet"] == "tiny" and params["train.lr"] == "0.001" and params["eval.guidance_scale"] == "2.0"
+    assert tags["ablation"] == "base" and tags["seed"] == "0" and tags["config_file"].endswith("tiny.yaml")
+    assert "git_commit" in tags
+    steps_per_epoch = 60 // 8
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == list(range(2, 3 * steps_per_epoch + 1, 2)) + [3 * steps_per_epoch] * (3 * steps_per_epoch % 2)
+    val = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in val] == [2 * steps_per_epoch, 3 * steps_per_epoch]
+    assert all(0 <= m.value <= 1 for m in val)
+    for key in ("loss_q1", "loss_q4", "lr", "images_per_s", "val_fd", "test_accuracy", "new_test_accuracy",
+                "test_accuracy_std", "best_val_accuracy"):
+        assert key in metrics, key
+    artifacts = {a.path for folder in ("", "samples", "strips", "test", "checkpoints")
+                 for a in client.list_artifacts(run.info.run_id, folder or None)}
+    assert {"config.yaml", "samples/val_step0000014.png", "samples/val_step0000021.png", "test/test.png",
+            "test/new_test.png", "checkpoints/best.pt", "strips/denoising_step0000021.png"} <= artifacts
+    assert Path("runs/tiny/best.pt").is_file() and Path("runs/tiny/latest.pt").is_file()
+    # running the same command again does not train again
+    assert main([str(tiny_experiment)]) == 0
+    assert "holds a finished run" in capsys.readouterr().out
+    assert len(mlflow.search_runs(experiment_names=["tiny"], output_format="list")) == 1
