@@ -94,6 +94,13 @@ class EvalConfig(Section):
     final_seeds: int = Field(1, ge=1)    # sampling seeds for the final test scores (mean ± std)
     check_sampler = field_validator("sampler")(_choice("lab.schedules", "SAMPLERS"))
 
+    @field_validator("eta")
+    @classmethod
+    def eta_is_ddims(cls, eta, info):
+        if eta and info.data.get("sampler") != "ddim":
+            raise ValueError(f"only the ddim sampler takes eta; '{info.data.get('sampler')}' does not")
+        return eta
+
 
 class ExperimentConfig(Section):
     experiment: str = "ddpm-lab"         # MLflow experiment name

@@ -38,13 +38,28 @@ def _sample_set(rng, k, forbidden):
             return labels
 
 
+def _balanced_scene(rng, counts, forbidden):
+    """3 distinct labels, favouring the rarest so far (with random jitter), so every label ends up in
+    about as many images as the others; the object in position k appears in 3 - k images."""
+    scene = []
+    for k in range(3):
+        allowed = [i for i in range(len(LABELS)) if i not in scene
+                   and not any(frozenset((i, j)) in forbidden for j in scene)]
+        label = min(allowed, key=lambda i: counts[i] + rng.uniform(0, 150))
+        scene.append(label)
+        counts[label] += 3 - k
+    return scene
+
+
 def make_splits(seed, scenes):
     """Label indices per training scene (ordered) and the label sets of every evaluation split."""
     rng = np.random.default_rng([seed, 0])
     pairs = set()
     while len(pairs) < NUM_HELDOUT_PAIRS:
         pairs.add(frozenset(int(i) for i in rng.choice(len(LABELS), size=2, replace=False)))
-    train = [_sample_set(rng, 3, pairs) for _ in range(scenes)]
+    train, counts = [], np.zeros(len(LABELS))
+    for _ in range(scenes):
+        train.append(_balanced_scene(rng, counts, pairs))
     splits, taken = {}, set()
     for name, counts in SPLIT_SIZES.items():
         sets = []

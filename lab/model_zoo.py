@@ -1,0 +1,221 @@
+"""UNet variants x label-conditioning styles for conditional DDPMs on i-CLEVR (multi-hot labels, 24 classes).
+
+The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel); this module only picks their kwargs and adds the
+small label front-end each conditioning style needs. Every style has a learned NULL condition for classifier-free
+guidance, distinct from the empty label set (i-CLEVR has no empty scenes, but "no labels" is still a valid input and
+CFG must not confuse it with "unconditional").
+
+    model = build_model("small", "adagn")
+    eps = model(x, t, labels, drop=torch.rand(B) < p_uncond)     # training, with label dropout
+    eps = guided_prediction(model, x, t, labels, guidance_scale=2.0)  # sampling
+"""
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+from lab.errors import UserError
+
+# UNet2DModel kwargs per variant; sample_size comes from build_model(image_size=...). Resolutions in the comments
+# assume 64x64 input; every level but the last halves the resolution.
+UNETS = {
+    # The course reference (~114M params with time_add): attention only at 4x4 (+ the mid block's at 2x2).
+    "reference": dict(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    ),
+    # 4 levels 64->8, attention at 16x16 (+ mid at 8x8): a quick baseline.
+    "small": dict(
+        block_out_channels=(64, 128, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ),
+    # The reference layout at 1.5x width (~2.2x params): isolates width from depth and attention placement.
+    "wide": dict(
+        block_out_channels=(192, 192, 384, 384, 768, 768),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    ),
+    # The reference channels with attention moved from 4x4 to 16x16 and 8x8, where object positions are resolved.
+    "attn_16_8": dict(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) * 2 + ("AttnDownBlock2D",) * 2 + ("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2 + ("AttnUpBlock2D",) * 2 + ("UpBlock2D",) * 2,
+    ),
+    # CPU-sized for tests and quickstarts: 3 levels, attention at the lowest one; 8 groups because 32 channels.
+    "tiny": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
+}
+
+
+def _time_embed_dim(cfg):
+    return cfg.get("time_embedding_dim") or 4 * cfg["block_out_channels"][0]  # diffusers' own default
+
+
+class TimeAdd(nn.Module):
+    """(a) The reference: Linear(multi-hot) is added to the time embedding (class_embed_type="identity")."""
+
+    @staticmethod
+    def build_unet(cfg, num_labels):
+        return UNet2DModel(**cfg, class_embed_type="identity")
+
+    def __init__(self, unet, num_labels):
+        super().__init__()
+        dim = unet.time_embedding.linear_2.out_features
+        self.proj = nn.Linear(num_labels, dim)
+        # The empty set embeds to proj.bias; the null is a separate vector, so CFG's "unconditional" is its own thing.
+        self.null = nn.Parameter(torch.randn(dim) * 0.02)
+
+    def forward(self, x, labels, drop):
+        emb = self.proj(labels)
+        if drop is not None:
+            emb = torch.where(drop[:, None], self.null.to(emb.dtype), emb)
+        return x, {"class_labels": emb}
+
+
+class AdaGN(TimeAdd):
+    """(b) Same embedding as time_add, but every resnet turns time+label into GroupNorm scale and shift."""
+
+    @staticmethod
+    def build_unet(cfg, num_labels):
+        cfg = {"resnet_time_scale_shift": "scale_shift", **cfg}
+        # Quirk: with scale_shift, UNet2DModel's mid-block attention silently drops its GroupNorm unless
+        # attn_norm_num_groups is given; keep it so only the resnets differ from time_add.
+        cfg.setdefault("attn_norm_num_groups", cfg.get("norm_num_groups", 32))
+        return UNet2DModel(**cfg, class_embed_type="identity")
+
+
+_CROSS_ATTN_BLOCKS = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D",
+                      "UNetMidBlock2D": "UNetMidBlock2DCrossAttn"}
+
+
+class CrossAttn(nn.Module):
+    """(c) One learned token per present label, read by cross-attention at the variant's attention levels.
+
+    Tokens: num_labels label tokens, one always-attended token (so the empty set has something to attend to and
+    stays finite) and one null token, which alone is visible for dropped rows.
+    """
+
+    @staticmethod
+    def build_unet(cfg, num_labels):
+        cfg = dict(cfg)
+
+        def swap(names):  # same attention placement, cross-attention flavour
+            return tuple(_CROSS_ATTN_BLOCKS.get(n, n) for n in names)
+
+        cfg["down_block_types"] = swap(cfg["down_block_types"])
+        cfg["up_block_types"] = swap(cfg["up_block_types"])
+        cfg["mid_block_type"] = swap([cfg.get("mid_block_type", "UNetMidBlock2D")])[0]
+        # Quirk: UNet2DConditionModel's "attention_head_dim" is really the number of heads (diffusers issue 2011).
+        # Convert UNet2DModel's per-head dim to per-level head counts so both styles get the same head size.
+        head_dim = cfg.pop("attention_head_dim", 8)
+        cfg["attention_head_dim"] = tuple(1 if head_dim is None else max(1, c // head_dim)
+                                          for c in cfg["block_out_channels"])
+        cfg.setdefault("cross_attention_dim", _time_embed_dim(cfg))
+        return UNet2DConditionModel(**cfg)
+
+    def __init__(self, unet, num_labels):
+        super().__init__()
+        self.tokens = nn.Embedding(num_labels + 2, unet.config.cross_attention_dim)  # [labels..., always, null]
+
+    def forward(self, x, labels, drop):
+        b = labels.shape[0]
+        on = torch.ones(b, 1, dtype=torch.bool, device=labels.device)
+        mask = torch.cat([labels > 0.5, on, ~on], dim=1)
+        if drop is not None:
+            null_only = torch.zeros_like(mask)
+            null_only[:, -1] = True
+            mask = torch.where(drop[:, None], null_only, mask)
+        states = self.tokens.weight.expand(b, -1, -1)
+        return x, {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+
+class Concat(nn.Module):
+    """(d) The multi-hot vector broadcast to (num_labels, H, W) maps and concatenated to the input channels."""
+
+    @staticmethod
+    def build_unet(cfg, num_labels):
+        return UNet2DModel(**{**cfg, "in_channels": 3 + num_labels})
+
+    def __init__(self, unet, num_labels):
+        super().__init__()
+        # Starts at -1, outside the {0, 1} label range, so it is distinct from every label set incl. the empty one.
+        self.null = nn.Parameter(torch.full((num_labels,), -1.0))
+
+    def forward(self, x, labels, drop):
+        cond = labels.to(x.dtype)
+        if drop is not None:
+            cond = torch.where(drop[:, None], self.null.to(x.dtype), cond)
+        maps = cond[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+        return torch.cat([x, maps], dim=1), {}
+
+
+CONDITIONING = {"time_add": TimeAdd, "adagn": AdaGN, "cross_attn": CrossAttn, "concat": Concat}
+
+
+class ConditionalUNet(nn.Module):
+    """A diffusers UNet (`.unet`) plus the label front-end of one conditioning style (`.cond`)."""
+
+    def __init__(self, unet, cond, build_kwargs=None):
+        super().__init__()
+        self.unet = unet
+        self.cond = cond
+        self.build_kwargs = build_kwargs or {}  # what build_model was called with, for checkpoints
+
+    def forward(self, x, t, labels, drop=None):
+        """x (B,3,H,W), t scalar or (B,), labels (B,num_labels) float multi-hot; drop (B,) bool -> null condition."""
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        x, kwargs = self.cond(x, labels.to(x.device, torch.float32), drop)
+        return self.unet(x, t, **kwargs).sample
+
+
+def _choose(key, kind, name, registry):
+    if name not in registry:
+        raise UserError(key, f"unknown {kind} '{name}'; choose one of: {', '.join(registry)}")
+    return registry[name]
+
+
+def build_model(unet: str = "reference", conditioning: str = "time_add", num_labels: int = 24,
+                image_size: int = 64, **unet_overrides) -> ConditionalUNet:
+    """Build UNETS[unet] with CONDITIONING[conditioning]; unet_overrides replace UNet2DModel kwargs of the variant."""
+    variant = _choose("unet", "UNet variant", unet, UNETS)
+    # RGB in and out, spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
+    cfg = {"in_channels": 3, "out_channels": 3, **variant, **unet_overrides, "sample_size": image_size}
+    style = _choose("conditioning", "conditioning style", conditioning, CONDITIONING)
+    levels = len(cfg["block_out_channels"])
+    if image_size % 2 ** (levels - 1):
+        raise UserError("image_size", f"{image_size} is not divisible by {2 ** (levels - 1)} ({levels} UNet levels)")
+    try:
+        net = style.build_unet(cfg, num_labels)
+    except (TypeError, ValueError) as e:  # diffusers validates the kwargs; report it as the user's config error
+        raise UserError("unet_overrides" if unet_overrides else "unet", str(e)) from e
+    build_kwargs = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
+                        **unet_overrides)
+    return ConditionalUNet(net, style(net, num_labels), build_kwargs)
+
+
+def guided_prediction(model, x, t, labels, guidance_scale: float) -> torch.Tensor:
+    """CFG as ONE doubled batch: cond and null rows together; pred = null + s*(cond - null).
+
+    Scale 1 returns exactly the conditional prediction and skips the null half entirely.
+    """
+    if guidance_scale == 1:
+        return model(x, t, labels)
+    b = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    t = t.expand(b) if t.ndim == 0 else t
+    drop = torch.arange(2 * b, device=x.device) >= b
+    cond, null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, labels]), drop=drop).chunk(2)
+    return null + guidance_scale * (cond - null)

@@ -1,0 +1,178 @@
+"""lab.model_zoo: every conditioning style on the tiny UNet at 32x32, CFG algebra, the registries' errors, and the
+reference architecture's exact config (built, never run: it is 114M parameters)."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from lab.errors import UserError
+from lab.model_zoo import CONDITIONING, UNETS, ConditionalUNet, build_model, guided_prediction
+
+STYLES = list(CONDITIONING)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {style: build_model("tiny", style, image_size=32) for style in STYLES}
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    t = torch.tensor([5, 400, 999])
+    labels = torch.zeros(3, 24)
+    labels[0, [0, 7]] = 1
+    labels[1, 23] = 1  # row 2 stays empty
+    return x, t, labels
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_forward_shape_and_backward(models, batch, style):
+    model = models[style]
+    model.zero_grad()
+    x, t, labels = batch
+    out = model(x, t, labels, drop=torch.tensor([False, True, False]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in (p.grad for p in model.cond.parameters()))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_scalar_timestep_is_broadcast(models, batch, style):
+    x, _, labels = batch
+    with torch.no_grad():
+        a = models[style](x, 250, labels)
+        b = models[style](x, torch.full((3,), 250), labels)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_null_condition_differs_from_empty_labels(models, batch, style):
+    x, t, _ = batch
+    empty = torch.zeros(3, 24)
+    with torch.no_grad():
+        out_empty = models[style](x, t, empty)
+        out_null = models[style](x, t, empty, drop=torch.ones(3, dtype=torch.bool))
+    assert (out_empty - out_null).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_drop_mask_rows_equal_null_output(models, batch, style):
+    x, t, labels = batch
+    model = models[style]
+    with torch.no_grad():
+        mixed = model(x, t, labels, drop=torch.tensor([True, False, True]))
+        null = model(x, t, labels, drop=torch.ones(3, dtype=torch.bool))
+        cond = model(x, t, labels)
+    assert torch.allclose(mixed[[0, 2]], null[[0, 2]], atol=1e-5)
+    assert torch.allclose(mixed[1], cond[1], atol=1e-5)
+    # the null ignores the labels entirely
+    with torch.no_grad():
+        null_other = model(x, t, torch.ones(3, 24), drop=torch.ones(3, dtype=torch.bool))
+    assert torch.allclose(null, null_other, atol=1e-5)
+
+
+def test_cross_attn_empty_labels_finite(models, batch):
+    model = models["cross_attn"]
+    model.zero_grad()
+    x, t, _ = batch
+    out = model(x, t, torch.zeros(3, 24))
+    assert torch.isfinite(out).all()
+    out.mean().backward()
+    assert torch.isfinite(model.cond.tokens.weight.grad).all()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_cfg_scale_one_is_exactly_conditional(models, batch, style):
+    x, t, labels = batch
+    with torch.no_grad():
+        assert torch.equal(guided_prediction(models[style], x, t, labels, 1.0), models[style](x, t, labels))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_cfg_scale_three_extrapolates_from_null(models, batch, style):
+    x, t, labels = batch
+    model = models[style]
+    with torch.no_grad():
+        cond = model(x, t, labels)
+        null = model(x, t, labels, drop=torch.ones(3, dtype=torch.bool))
+        guided = guided_prediction(model, x, t, labels, 3.0)
+        guided_scalar_t = guided_prediction(model, x, 400, labels, 3.0)
+    assert torch.allclose(guided, null + 3 * (cond - null), atol=1e-4)
+    assert guided_scalar_t.shape == x.shape
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(UserError, match=r"^unet: unknown UNet variant 'huge'; choose one of: reference, small, "):
+        build_model("huge")
+    with pytest.raises(UserError, match=r"^conditioning: unknown conditioning style 'film'; choose one of: "
+                                        r"time_add, adagn, cross_attn, concat$"):
+        build_model("tiny", "film")
+
+
+def test_bad_overrides_and_image_size_are_user_errors():
+    with pytest.raises(UserError, match="^unet_overrides: "):
+        build_model("tiny", block_out_channels=(32, 64))  # 2 channels for 3 levels
+    with pytest.raises(UserError, match="^unet_overrides: "):
+        build_model("tiny", no_such_kwarg=1)
+    with pytest.raises(UserError, match="^image_size: 30 is not divisible by 4"):
+        build_model("tiny", image_size=30)
+
+
+def test_overrides_reach_diffusers():
+    model = build_model("tiny", "time_add", image_size=32, layers_per_block=2, dropout=0.1)
+    assert model.unet.config.layers_per_block == 2 and model.unet.config.dropout == 0.1
+    assert model.build_kwargs["dropout"] == 0.1
+
+
+def test_reference_is_the_course_architecture():
+    model = build_model("reference", "time_add")
+    assert isinstance(model, ConditionalUNet) and isinstance(model.unet, UNet2DModel)
+    cfg = model.unet.config
+    assert cfg.sample_size == 64 and cfg.in_channels == 3 and cfg.out_channels == 3
+    assert tuple(cfg.block_out_channels) == (128, 128, 256, 256, 512, 512)
+    assert cfg.layers_per_block == 2
+    assert tuple(cfg.down_block_types) == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
+    assert tuple(cfg.up_block_types) == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
+    assert cfg.class_embed_type == "identity"
+    proj = model.cond.proj
+    assert isinstance(proj, torch.nn.Linear) and (proj.in_features, proj.out_features) == (24, 512)
+    # the label front-end is part of model.parameters() (EMA, optimizer), outside model.unet
+    n_unet = sum(p.numel() for p in model.unet.parameters())
+    assert sum(p.numel() for p in model.parameters()) == n_unet + 24 * 512 + 512 + 512
+
+
+def test_style_specific_unet_configs(models):
+    adagn = models["adagn"].unet
+    assert adagn.config.resnet_time_scale_shift == "scale_shift"
+    assert adagn.mid_block.attentions[0].group_norm is not None  # diffusers drops it unless asked
+    assert models["concat"].unet.config.in_channels == 3 + 24
+    assert models["concat"].unet.config.class_embed_type is None
+    assert models["cross_attn"].cond.tokens.weight.shape == (24 + 2, 4 * 32)
+
+
+def test_cross_attn_follows_the_variant_attention_placement():
+    model = build_model("attn_16_8", "cross_attn")
+    cfg = model.unet.config
+    assert isinstance(model.unet, UNet2DConditionModel)
+    assert tuple(cfg.down_block_types) == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D",
+                                           "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+    assert tuple(cfg.up_block_types) == ("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                         "UpBlock2D", "UpBlock2D")
+    assert cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
+    assert cfg.in_channels == 3 and cfg.out_channels == 3 and cfg.cross_attention_dim == 512
+    # same 8-wide heads as UNet2DModel's attention (diffusers calls the head count attention_head_dim here)
+    attn = model.unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1
+    assert attn.heads == 256 // 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unet", [u for u in UNETS if u != "tiny"])
+def test_every_variant_builds_with_every_style(unet):
+    for style in STYLES:
+        model = build_model(unet, style)
+        assert sum(p.numel() for p in model.parameters()) > 1_000_000

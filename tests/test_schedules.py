@@ -1,0 +1,131 @@
+"""lab.schedules: schedules x prediction types, samplers sharing the training betas, the one sample() entry point
+(shape, range, determinism, callbacks), denoising strips and errors. Tiny UNet at 32x32 on CPU."""
+
+import pytest
+import torch
+
+from lab.errors import UserError
+from lab.model_zoo import build_model
+from lab.schedules import (
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    SAMPLERS,
+    denoising_strip,
+    make_noise_scheduler,
+    make_sampler,
+    sample,
+    training_target,
+)
+
+LABELS = torch.zeros(2, 24)
+LABELS[0, [3, 11]] = 1
+LABELS[1, 20] = 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("tiny", "time_add", image_size=32)
+
+
+def run(model, **kwargs):
+    kwargs = {"image_size": 32, "steps": 5, **kwargs}
+    kwargs.setdefault("train_scheduler", make_noise_scheduler("cosine", 50))
+    return sample(model, LABELS, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", BETA_SCHEDULES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_every_schedule_and_prediction_type_builds(schedule, prediction_type):
+    sched = make_noise_scheduler(schedule, 1000, prediction_type)
+    assert sched.config.beta_schedule == BETA_SCHEDULES[schedule]
+    assert sched.config.prediction_type == prediction_type
+    assert sched.betas.shape == (1000,) and ((sched.betas > 0) & (sched.betas < 1)).all()
+    for name in SAMPLERS:  # every sampler shares the exact betas, even for "sigmoid", and the prediction type
+        sampler = make_sampler(name, sched, steps=10)
+        assert torch.equal(sampler.alphas_cumprod, sched.alphas_cumprod)
+        assert sampler.config.prediction_type == prediction_type
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_samplers_produce_images_in_range(model, sampler, prediction_type):
+    train = make_noise_scheduler("linear", 50, prediction_type)
+    images = run(model, train_scheduler=train, sampler=sampler, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+
+
+def test_cross_attn_model_samples_with_guidance():
+    torch.manual_seed(0)
+    model = build_model("tiny", "cross_attn", image_size=32)
+    images = run(model, sampler="dpmsolver++", guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)])
+def test_same_generator_seed_gives_identical_samples(model, sampler, eta):
+    a = run(model, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(7))
+    b = run(model, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(7))
+    c = run(model, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler,expected", [("ddpm", 50), ("ddim", 5), ("dpmsolver++", 5)])
+def test_callback_once_per_step(model, sampler, expected):
+    calls = []
+    run(model, sampler=sampler, callback=lambda i, t, x: calls.append((i, int(t), x.shape)))
+    assert [i for i, _, _ in calls] == list(range(expected))  # ddpm ignores steps=5: all 50 training steps
+    assert calls[0][1] == 49  # every sampler starts from pure noise
+    assert all(shape == (2, 3, 32, 32) for _, _, shape in calls)
+
+
+def test_sample_restores_train_mode(model):
+    model.train()
+    run(model, sampler="ddim")
+    assert model.training
+    model.eval()
+
+
+def test_denoising_strip_runs_from_noise_to_the_sample(model):
+    kwargs = dict(train_scheduler=make_noise_scheduler("cosine", 50), sampler="ddim", steps=10, image_size=32)
+    strip = denoising_strip(model, LABELS, generator=torch.Generator().manual_seed(3), **kwargs)
+    final = sample(model, LABELS, generator=torch.Generator().manual_seed(3), **kwargs)
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    assert strip.shape == (8, 2, 3, 32, 32)
+    assert torch.equal(strip[0], noise.clamp(-1, 1))
+    assert torch.equal(strip[-1], final)
+    assert len({f.sum().item() for f in strip}) == 8  # eight distinct moments
+
+    calls = []
+    strip = denoising_strip(model, LABELS, frames=12, callback=lambda *a: calls.append(a), **kwargs)
+    assert strip.shape[0] == 12 and len(calls) == 10
+
+
+def test_training_target(model):
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    eps = make_noise_scheduler(prediction_type="epsilon")
+    assert torch.equal(training_target(eps, x0, noise, t), noise)
+    v = make_noise_scheduler(prediction_type="v_prediction")
+    assert torch.equal(training_target(v, x0, noise, t), v.get_velocity(x0, noise, t))
+
+
+def test_unknown_names_list_the_choices(model):
+    with pytest.raises(UserError, match=r"^beta_schedule: unknown beta schedule 'exp'; "
+                                        r"choose one of: linear, cosine, scaled_linear, sigmoid$"):
+        make_noise_scheduler("exp")
+    with pytest.raises(UserError, match=r"^prediction_type: unknown prediction type 'sample'; "
+                                        r"choose one of: epsilon, v_prediction$"):
+        make_noise_scheduler(prediction_type="sample")
+    with pytest.raises(UserError, match=r"^sampler: unknown sampler 'euler'; choose one of: ddpm, ddim, dpmsolver\+\+$"):
+        run(model, sampler="euler")
+
+
+def test_bad_sampler_arguments_are_user_errors(model):
+    with pytest.raises(UserError, match="^eta: only the ddim sampler"):
+        run(model, sampler="dpmsolver++", eta=0.5)
+    with pytest.raises(UserError, match="^steps: 51 is not between 1 and num_train_timesteps=50"):
+        run(model, sampler="ddim", steps=51)
