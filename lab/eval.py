@@ -143,7 +143,7 @@ def save_checkpoint(model, path):
     atomic_save({"model": model.state_dict()}, path)
 
 
-def train_evaluator(root, out, epochs=2, batch_size=128, lr=2e-3, seed=0, device="cpu", log=print):
+def train_evaluator(root, out, epochs=4, batch_size=64, lr=1e-3, seed=0, device="cpu", log=print):
     """Train the ResNet18 evaluator on a root's training images and save it in the course format."""
     from tqdm import tqdm
     torch.manual_seed(seed)
@@ -158,6 +158,7 @@ def train_evaluator(root, out, epochs=2, batch_size=128, lr=2e-3, seed=0, device
     model.train()
     bar = tqdm(total=steps, desc="evaluator", mininterval=2, disable=None)
     for epoch in range(epochs):
+        total = 0.0
         for idx in torch.randperm(len(images)).split(batch_size):
             x = normalize(images[idx]).to(device, memory_format=torch.channels_last)
             flip = torch.rand(len(x), device=device) < 0.5  # labels have no left/right
@@ -169,7 +170,9 @@ def train_evaluator(root, out, epochs=2, batch_size=128, lr=2e-3, seed=0, device
             opt.step()
             sched.step()
             bar.update()
+            total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        log(f"evaluator epoch {epoch + 1}/{epochs}: loss {total / len(images):.4f}")
     bar.close()
     save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), out)
     return out
@@ -198,7 +201,7 @@ def default_evaluator_path(root):
     return default_cache_dir() / "evaluator" / f"evaluator-{digest.hexdigest()}.pth"
 
 
-def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=2):
+def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=4):
     """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused."""
     if checkpoint:
         return load_evaluator(checkpoint, device)
@@ -220,7 +223,7 @@ def main(argv=None):
     train = sub.add_parser("train", help="train our evaluator on a root (default: the synthetic set) and check it")
     train.add_argument("--root", default=None, help="data root (default: the synthetic i-CLEVR set)")
     train.add_argument("--out", default=None, help="checkpoint path (default: the cache)")
-    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--epochs", type=int, default=4)
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes")
     check.add_argument("checkpoint")
     check.add_argument("--scenes", type=int, default=300)

@@ -200,6 +200,22 @@ def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.
     return (pred.float() - training_target(noise_scheduler, x0, noise, t)).square().mean((1, 2, 3)), t
 
 
+def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
+    """Score a best.pt on test splits over sampling seeds, with the data and evaluator its config names."""
+    device = pick_device(device)
+    model, config = load_for_sampling(path, device)
+    root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+    splits = splits or config.eval.test_splits
+    setup = Setup(config=config, config_path=Path(path), device=device, data=None, val_labels=None,
+                  test_labels={name: load_condition_sets(root, name) for name in splits},
+                  evaluator=ensure_evaluator(root, config.eval.evaluator, device), model=model,
+                  noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule,
+                                                       config.diffusion.num_train_timesteps,
+                                                       config.diffusion.prediction_type),
+                  out_dir=Path(path).parent)
+    return score_splits(model, setup, seeds or config.eval.final_seeds, log_grid)
+
+
 def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
     """Train one experiment, resuming from `out_dir/latest.pt` when a previous attempt was cut short."""
     config, device, model = setup.config, setup.device, setup.model
@@ -297,10 +313,12 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                 if reference_features is None:
                     reference_features = real_features(setup)
                 sampler_model = sampling_state(model, ema)
+                started = time.perf_counter()
                 images_val = generate(sampler_model, setup.val_labels, setup, seed=config.seed)
+                sample_s = (time.perf_counter() - started) / len(images_val)
                 acc = setup.evaluator.accuracy(for_evaluator(images_val), setup.val_labels)
                 fd = frechet_distance(setup.evaluator.features(for_evaluator(images_val)), reference_features)
-                tracker.log_metrics({"val_accuracy": acc, "val_fd": fd}, step)
+                tracker.log_metrics({"val_accuracy": acc, "val_fd": fd, "sample_s_per_image": sample_s}, step)
                 tracker.log_image(grid_image(images_val), f"samples/val_step{step:07d}.png")
                 strip = strip_image(sampler_model, setup, config.seed)
                 if strip is not None:
@@ -351,6 +369,7 @@ def finish(setup, tracker, best_path, best_acc, step):
         metrics[f"{Path(name).stem}_accuracy_std"] = std
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(best_path, "checkpoints")
+    tracker.set_tags({"best_checkpoint": str(best_path.resolve())})
     return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path)}
 
 
