@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from lab.checkpoints import atomic_save, safe_load
+from lab.checkpoints import load_checkpoint, save_checkpoint
 from lab.config import to_yaml
 from lab.data import load_condition_sets, load_train, normalize, resolve_root, to_uint8
 from lab.errors import UserError
@@ -162,7 +162,7 @@ def load_for_sampling(path, device="cpu"):
     """best.pt -> (model, resolved config YAML text) for scoring or sampling later."""
     from lab.config import ExperimentConfig
     import yaml
-    state = safe_load(path)
+    state = load_checkpoint(path)
     config = ExperimentConfig.model_validate(yaml.safe_load(state["config"]))
     model = build_model(config.model.unet, config.model.conditioning, image_size=config.data.image_size,
                         **config.model.overrides)
@@ -222,6 +222,9 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
     tc = config.train
     out = setup.out_dir
     latest, best_path = out / "latest.pt", out / "best.pt"
+    if fresh:  # start over: the old run's checkpoints must not leak into this one
+        for old in out.glob("*.pt*"):
+            old.unlink()
     resume = None if fresh else load_resume_state(latest, config)
     if resume and resume.get("finished"):
         log(f"{out} holds a finished run (MLflow run {resume['run_id']}); pass --fresh to train again")
@@ -252,6 +255,8 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         step, start_epoch, best_acc, run_id = resume["step"], resume["epoch"], resume["best_acc"], resume["run_id"]
+        if best_path.exists():  # killed after a new best but before latest.pt: never replace it by a worse one
+            best_acc = max(best_acc, load_checkpoint(best_path)["val_accuracy"])
         log(f"resuming {out} at epoch {start_epoch}, step {step} (MLflow run {run_id})")
 
     tracker = tracker or Tracker(resolve_uri(config.tracking_uri))
@@ -325,14 +330,14 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                     tracker.log_image(strip, f"strips/denoising_step{step:07d}.png")
                 if acc > best_acc:
                     best_acc = acc
-                    atomic_save({"model": sampler_model.state_dict(), "config": to_yaml(config), "step": step,
+                    save_checkpoint({"model": sampler_model.state_dict(), "config": to_yaml(config), "step": step,
                                  "val_accuracy": acc}, best_path)
                 del sampler_model
                 bar.write(f"step {step}: val accuracy {acc:.3f} (best {best_acc:.3f}), fd {fd:.1f}")
                 if on_validation is not None:
                     on_validation(step, acc)  # may raise Stop (a pruned trial)
             if (epoch + 1) % tc.checkpoint_every == 0 or last:
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
                              "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                              "epoch": epoch + 1, "best_acc": best_acc, "run_id": run_id,
@@ -342,8 +347,7 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         bar.close()
         tracker.flush()
         summary = finish(setup, tracker, best_path, best_acc, step)
-        state = safe_load(latest)
-        atomic_save({**state, "finished": True, "summary": summary}, latest)
+        save_checkpoint({**load_checkpoint(latest), "finished": True, "summary": summary}, latest)
         status = "FINISHED"
         return summary
     except Stop:
@@ -377,7 +381,7 @@ def load_resume_state(path, config):
     """The resume state of an interrupted run of the same config, or None for a fresh start."""
     if not path.exists():
         return None
-    state = safe_load(path, "resume checkpoint")
+    state = load_checkpoint(path, "resume checkpoint")
     if state.get("config") != to_yaml(config):
         raise UserError(path, "belongs to a run with a different config; pass --fresh to start over, "
                               "or set another run_name/output_dir")
