@@ -1,0 +1,67 @@
+"""The bad-input corpus (tests/bad_inputs/*.yaml): each case exits non-zero with one line naming the
+file and the key or value, creates no MLflow run and writes nothing."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab.eval import build_resnet, save_checkpoint
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+CASES = sorted(CORPUS.glob("*.yaml"))
+
+
+def expected_error(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# error: ")
+    return first.removeprefix("# error: ")
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_root, monkeypatch):
+    """A working directory holding the data and checkpoints the cases point at."""
+    shutil.copytree(tiny_root, tmp_path / "tiny")
+    shutil.copytree(tiny_root, tmp_path / "bad_labels")
+    table = json.loads((tmp_path / "bad_labels" / "train.json").read_text())
+    table[list(table)[3]] = ["pink cube"]
+    (tmp_path / "bad_labels" / "train.json").write_text(json.dumps(table))
+    save_checkpoint(build_resnet(), tmp_path / "evaluator.pth")
+    save_checkpoint(build_resnet(10), tmp_path / "other_arch.pth")
+    (tmp_path / "runs" / "stale").mkdir(parents=True)
+    torch.save({"model": {}, "config": "unet: reference\n"}, tmp_path / "runs" / "stale" / "latest.pt")
+    (tmp_path / "runs" / "pickled").mkdir(parents=True)
+    torch.save({"model": {}, "payload": Path("x")}, tmp_path / "runs" / "pickled" / "latest.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    return tmp_path
+
+
+def snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda p: p.stem)
+def test_bad_input_gives_one_line_and_leaves_nothing(case, workdir, capsys):
+    from run_experiment import main
+    before = snapshot(workdir)
+    assert main([str(case)]) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert expected_error(case) in lines[0]
+    assert snapshot(workdir) == before, "a bad input wrote or changed files"
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_a_new_user_sees_no_traceback(workdir):
+    """The same through the real command line: exit code 1, one line on stderr."""
+    case = CORPUS / "unknown_key.yaml"
+    done = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "run_experiment.py"), str(case)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert expected_error(case) in done.stderr
