@@ -37,7 +37,7 @@ class DataConfig(Section):
     synthetic_scenes: int = Field(6003, ge=1)  # size of the synthetic default (3 images a scene)
     synthetic_seed: int = 0
     hflip: bool = False                  # random horizontal flips (labels have no left/right)
-    on_device: bool = True               # keep the uint8 training set resident on the GPU
+    on_device: bool = True               # keep the uint8 training set resident on the GPU (augment there)
 
 
 class ModelConfig(Section):
@@ -76,7 +76,8 @@ class TrainConfig(Section):
     grad_clip: Optional[float] = Field(1.0, gt=0)
     ema: EmaConfig = EmaConfig()
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto = bf16 autocast on GPU
-    compile: bool = False                # torch.compile the UNet
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the UNet; auto = on GPU
+    fast_path: bool = True               # on GPU: channels_last, TF32 matmuls, fused optimizer
     log_every: int = Field(50, ge=1)     # steps between loss/lr/throughput points
     checkpoint_every: int = Field(1, ge=1)  # epochs between "latest" checkpoints
 

@@ -164,7 +164,9 @@ def train_evaluator(root, out, epochs=4, batch_size=64, lr=1e-3, seed=0, device=
             flip = torch.rand(len(x), device=device) < 0.5  # labels have no left/right
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             x = x + 0.05 * torch.randn_like(x)  # generated images are noisier than renders
-            loss = F.binary_cross_entropy_with_logits(body(x), labels[idx].to(device))
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):  # ~2x faster, on CPUs too
+                logits = body(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

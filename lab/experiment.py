@@ -16,5 +16,7 @@ def run(config, config_path, seeds=None, fresh=False, device=None, **train_kwarg
 
 def print_summaries(summaries):
     for s in summaries:
+        if s.get("run_id") is None:  # a data-parallel worker other than the main process
+            continue
         scores = ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.endswith("accuracy"))
         print(f"MLflow run {s['run_id']}: {s['steps']} steps; {scores}; best checkpoint {s['best_checkpoint']}")

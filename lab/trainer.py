@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from lab import parallel
 from lab.checkpoints import load_checkpoint, save_checkpoint
 from lab.config import to_yaml
 from lab.data import load_condition_sets, load_train, normalize, resolve_root, to_uint8
@@ -58,7 +59,7 @@ class Setup:
 
 
 def pick_device(name=None):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return parallel.device_for_rank(name)
 
 
 def seed_everything(seed):
@@ -70,7 +71,18 @@ def seed_everything(seed):
 def prepare(config, config_path, device=None):
     """Everything a run needs, checked before a run is created: a bad input leaves nothing behind."""
     device = pick_device(device)
-    check_reachable(resolve_uri(config.tracking_uri))
+    parallel.init(device)
+    if not parallel.is_main():
+        parallel.barrier()  # wait for the main process to render the data and train the evaluator
+    setup = _prepare(config, config_path, device)
+    if parallel.is_main():
+        parallel.barrier()
+    return setup
+
+
+def _prepare(config, config_path, device):
+    if parallel.is_main():
+        check_reachable(resolve_uri(config.tracking_uri))
     root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
     split_files = [config.eval.split, *config.eval.test_splits]
     for name in split_files:
@@ -216,6 +228,39 @@ def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
     return score_splits(model, setup, seeds or config.eval.final_seeds, log_grid)
 
 
+def optimizer_step(micro_batches, *, forward, model, optimizer, lr_schedule, ema, setup, generator, stats, step):
+    """One optimizer step over micro-batches of (uint8 images, labels) already on the device.
+
+    Loss statistics accumulate in `stats` on the device (no host sync): loss sum and count per
+    timestep quartile, and in stats[2, 0] the first step whose loss was not finite.
+    """
+    config = setup.config
+    T = setup.noise_scheduler.config.num_train_timesteps
+    for images_u8, labels in micro_batches:
+        x0 = normalize(images_u8)
+        if config.train.fast_path and x0.is_cuda:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        if config.data.hflip:
+            flip = torch.rand(len(x0), generator=generator, device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        with autocast(setup):
+            per_sample, t = diffusion_loss(forward, setup.noise_scheduler, x0, labels, generator,
+                                           config.model.cfg_dropout)
+        (per_sample.mean() / len(micro_batches)).backward()
+        per_sample = per_sample.detach()
+        quartile = (t * 4 // T).clamp(max=3)
+        stats[0].index_add_(0, quartile, per_sample)
+        stats[1].index_add_(0, quartile, torch.ones_like(per_sample))
+        stats[2, 0] = torch.where((stats[2, 0] > 0) | per_sample.isfinite().all(), stats[2, 0], step)
+    if config.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+    optimizer.step()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.step(model.parameters())
+
+
 def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
     """Train one experiment, resuming from `out_dir/latest.pt` when a previous attempt was cut short."""
     config, device, model = setup.config, setup.device, setup.model
@@ -233,18 +278,23 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
     # --- optimisation objects ---------------------------------------------------------------------
     images = setup.data.images.to(device) if config.data.on_device else setup.data.images
     labels = setup.data.labels.to(images.device)
-    per_step = tc.batch_size * tc.grad_accum
+    world, main = parallel.world_size(), parallel.is_main()
+    per_step = tc.batch_size * tc.grad_accum * world  # images per optimizer step, all processes together
     steps_per_epoch = max(len(images) // per_step, 1)
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    fused = device.type == "cuda"
+    gpu_fast = tc.fast_path and device.type == "cuda"
+    if gpu_fast:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        model.to(memory_format=torch.channels_last)
     opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
+    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=gpu_fast or None)
     lr_schedule = get_scheduler("cosine" if tc.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
                                 num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
     ema = EMAModel(model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.warmup) if tc.ema.enabled else None
-    forward = torch.compile(model) if tc.compile else model  # state_dicts stay on `model`: no _orig_mod. prefix
-    gen = torch.Generator(device).manual_seed(config.seed)
+    forward = parallel.wrap(model, device)
+    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
+        forward = torch.compile(forward)  # state_dicts stay on `model`: no _orig_mod. prefix
     step, start_epoch, best_acc, run_id = 0, 0, -1.0, None
     if resume:
         model.load_state_dict(resume["model"])
@@ -252,57 +302,52 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         lr_schedule.load_state_dict(resume["lr_schedule"])
         if ema is not None:
             ema.load_state_dict(resume["ema"])
-        gen.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         step, start_epoch, best_acc, run_id = resume["step"], resume["epoch"], resume["best_acc"], resume["run_id"]
         if best_path.exists():  # killed after a new best but before latest.pt: never replace it by a worse one
             best_acc = max(best_acc, load_checkpoint(best_path)["val_accuracy"])
         log(f"resuming {out} at epoch {start_epoch}, step {step} (MLflow run {run_id})")
 
-    tracker = tracker or Tracker(resolve_uri(config.tracking_uri))
+    tracker = tracker or (Tracker(resolve_uri(config.tracking_uri)) if main else NoTracker())
     run_id = tracker.start(config, setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
                            extra_tags=extra_tags)
-    T = setup.noise_scheduler.config.num_train_timesteps
     reference_features = None
     status = "FAILED"
     try:
         bar = tqdm(total=total_steps, initial=step, desc=config.run_name, mininterval=1, disable=None)
-        stats = torch.zeros(2, 4, device=device)  # rows: loss sum, sample count; columns: timestep quartile
+        # rows: loss sum and sample count per timestep quartile, first non-finite step (column 0)
+        stats = torch.zeros(3, 4, device=device)
         window_start, window_images = time.perf_counter(), 0
         for epoch in range(start_epoch, epochs):
             model.train()
-            order = torch.randperm(len(images), generator=gen, device=device).to(images.device)
+            # Seeded per epoch (checkpoints are at epoch ends): a resumed run replays exactly. Every
+            # process draws the same order and takes its share; each draws its own noise.
+            order = torch.randperm(len(images), device=device,
+                                   generator=torch.Generator(device).manual_seed(config.seed * 100_003 + epoch))
+            order = order.to(images.device)[parallel.rank()::world]
+            gen = torch.Generator(device).manual_seed((config.seed * 100_003 + epoch) * 1_009 + parallel.rank())
             for i in range(steps_per_epoch):
+                micro_batches = []
                 for micro in range(tc.grad_accum):
                     idx = order[(i * tc.grad_accum + micro) * tc.batch_size:][:tc.batch_size]
-                    x0 = normalize(images[idx].to(device, non_blocking=True))
-                    y = labels[idx].to(device, non_blocking=True)
-                    if config.data.hflip:
-                        flip = torch.rand(len(x0), generator=gen, device=device) < 0.5
-                        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-                    with autocast(setup):
-                        per_sample, t = diffusion_loss(forward, setup.noise_scheduler, x0, y, gen,
-                                                       config.model.cfg_dropout)
-                    (per_sample.mean() / tc.grad_accum).backward()
-                    quartile = (t * 4 // T).clamp(max=3)
-                    stats[0].index_add_(0, quartile, per_sample.detach())
-                    stats[1].index_add_(0, quartile, torch.ones_like(per_sample))
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.step(model.parameters())
+                    micro_batches.append((images[idx].to(device, non_blocking=True),
+                                          labels[idx].to(device, non_blocking=True)))
+                optimizer_step(micro_batches, forward=forward, model=model, optimizer=optimizer,
+                               lr_schedule=lr_schedule, ema=ema, setup=setup, generator=gen, stats=stats,
+                               step=step + 1)
                 step += 1
                 window_images += per_step
                 bar.update()
-                if step % tc.log_every == 0 or step == total_steps:
-                    loss_sum, count = stats[0].cpu(), stats[1].cpu()  # the only host sync of the loop
+                # a NaN stops the run at once on CPU, where a readback is free; on GPU every log_every steps
+                log_now = step % tc.log_every == 0 or step == total_steps
+                if log_now or device.type == "cpu":
+                    loss_sum, count, bad = parallel.all_reduce_sum(stats.clone()).cpu()  # the only host sync
                     loss = float(loss_sum.sum() / count.sum())
-                    if not math.isfinite(loss):
-                        raise NonFiniteLoss(setup.config_path, f"loss became {loss} by step {step} "
+                    if bad[0] > 0 or not math.isfinite(loss):
+                        step = int(bad[0]) if bad[0] > 0 else step
+                        raise NonFiniteLoss(setup.config_path, f"loss became {loss} at step {step} "
                                             f"(last good checkpoint: {latest if latest.exists() else 'none'})")
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     metrics = {"loss": loss, "lr": lr_schedule.get_last_lr()[0], "epoch": epoch,
                                "images_per_s": window_images / max(elapsed, 1e-9)}
@@ -314,7 +359,7 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                 if step >= total_steps:
                     break
             last = step >= total_steps
-            if (epoch + 1) % config.eval.every_epochs == 0 or last:
+            if main and ((epoch + 1) % config.eval.every_epochs == 0 or last):
                 if reference_features is None:
                     reference_features = real_features(setup)
                 sampler_model = sampling_state(model, ema)
@@ -336,15 +381,19 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                 bar.write(f"step {step}: val accuracy {acc:.3f} (best {best_acc:.3f}), fd {fd:.1f}")
                 if on_validation is not None:
                     on_validation(step, acc)  # may raise Stop (a pruned trial)
-            if (epoch + 1) % tc.checkpoint_every == 0 or last:
+            if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
-                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                             "torch_rng": torch.get_rng_state(), "step": step,
                              "epoch": epoch + 1, "best_acc": best_acc, "run_id": run_id,
                              "config": to_yaml(config)}, latest)
+            parallel.barrier()  # the others wait while the main process evaluates and saves
             if last:
                 break
         bar.close()
+        if not main:
+            status = "FINISHED"
+            return {"run_id": None, "steps": step}
         tracker.flush()
         summary = finish(setup, tracker, best_path, best_acc, step)
         save_checkpoint({**load_checkpoint(latest), "finished": True, "summary": summary}, latest)
@@ -361,6 +410,14 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         raise
     finally:
         tracker.end(status)
+
+
+class NoTracker:
+    """What processes other than the main one log: nothing."""
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def finish(setup, tracker, best_path, best_acc, step):

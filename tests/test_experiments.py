@@ -7,12 +7,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lab.config import load_config
-from lab.eval import build_resnet, save_checkpoint
 from lab.model_zoo import build_model
 from lab.schedules import make_noise_scheduler, sample
 from lab.trainer import diffusion_loss
 
-EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+from tests.conftest import EXPERIMENTS, TINY  # noqa: F401 (TINY: shared with other test files)
 CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
 
 
@@ -37,44 +36,6 @@ def test_every_config_trains_a_step_and_samples(path):
     images = sample(model, labels, train_scheduler=scheduler, sampler=config.eval.sampler, steps=2,
                     guidance_scale=config.eval.guidance_scale, generator=torch.Generator().manual_seed(0), image_size=32)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all() and images.abs().max() <= 1
-
-
-TINY = """
-base: {base}
-experiment: tiny
-data:
-  root: {root}
-  image_size: 32
-model:
-  unet: tiny
-  cfg_dropout: 0.2
-diffusion:
-  num_train_timesteps: 50
-train:
-  epochs: 3
-  batch_size: 8
-  lr: 1.0e-3
-  warmup_steps: 2
-  log_every: 2
-eval:
-  every_epochs: 2
-  steps: 3
-  guidance_scale: 2.0
-  evaluator: {evaluator}
-  final_seeds: 2
-"""
-
-
-@pytest.fixture
-def tiny_experiment(tiny_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    evaluator = tmp_path / "evaluator.pth"
-    torch.manual_seed(0)
-    save_checkpoint(build_resnet(), evaluator)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=evaluator))
-    return path
 
 
 @pytest.mark.slow

@@ -1,0 +1,446 @@
+"""Finished MLflow runs -> ablation tables, charts, best-checkpoint selection and final test scores.
+
+    runs = load_runs(open_store(uri), "iclevr-ablations")  # one row per finished run: params.*, tags.*, metrics.*
+    table = ablation_table(runs)                           # one row per configuration, mean ± std over seeds
+    print(render(table, "markdown"))
+    best = select_best(runs)                               # by validation accuracy; test columns are never seen
+
+Model selection uses the validation metric only. The test metrics are reported next to it, never used
+to choose; `final_test` scores the chosen checkpoint once on the test splits and logs the scores.
+"""
+import difflib
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from lab.config import ExperimentConfig, flatten
+from lab.errors import UserError
+from lab.tracking import check_reachable, resolve_uri
+
+DEFAULT_METRIC = "best_val_accuracy"
+DEFAULT_GROUP_BY = ("ablation",)
+# Params that differ between the seeds of one configuration, or only say where things go: never a table column.
+RUN_KEYS = {"experiment", "run_name", "ablation", "seed", "seeds", "tracking_uri", "output_dir"}
+LOWER_IS_BETTER = ("val_fd", "loss", "sample_s_per_image")
+CONFIG_ORDER = list(flatten(ExperimentConfig()))  # columns follow the schema: model.*, diffusion.*, train.*, eval.*
+
+
+def is_test_metric(name):
+    """test_accuracy, new_test_accuracy_std, final_test_accuracy, heldout_test_accuracy, eval.test_splits...
+    (a word of the name, so that `latest_*` is not one)."""
+    return "test" in re.split(r"[._/-]", name.lower())
+
+
+def lower_is_better(metric):
+    return metric.startswith(LOWER_IS_BETTER)
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+def open_store(uri=None):
+    """An MlflowClient on an existing store: a typo'd SQLite path must not create an empty database."""
+    from mlflow.tracking import MlflowClient
+    uri = resolve_uri(uri)
+    check_reachable(uri, "--tracking-uri")
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).expanduser().is_file():
+        raise UserError("--tracking-uri", f"no MLflow store at {uri} (run an experiment first, or set "
+                                          "MLFLOW_TRACKING_URI / --tracking-uri)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def load_runs(client, experiment, filter_string=None):
+    """The experiment's FINISHED runs as a DataFrame (columns run_id, run_name, params.*, tags.*, metrics.*).
+
+    Running, failed and killed (pruned) runs are left out, and so are sweep parents: runs that another
+    run names as its `mlflow.parentRunId` hold no training of their own.
+    """
+    from mlflow.exceptions import MlflowException
+    found = client.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        raise UserError("--experiment", f"no experiment named {experiment!r} in {client.tracking_uri} "
+                                        f"(experiments there: {', '.join(names) or 'none'})")
+    try:
+        runs = _search(client, found.experiment_id, filter_string or "")
+    except MlflowException as e:
+        raise UserError("--filter", f"{filter_string!r}: {str(e).splitlines()[0]}") from None
+    everything = runs if not filter_string else _search(client, found.experiment_id, "")
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in everything} - {None}
+    rows = []
+    for run in runs:
+        if run.info.status != "FINISHED" or run.info.run_id in parents:
+            continue
+        rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "start_time": run.info.start_time,
+                     **{f"params.{k}": v for k, v in run.data.params.items()},
+                     **{f"tags.{k}": v for k, v in run.data.tags.items()},
+                     **{f"metrics.{k}": v for k, v in run.data.metrics.items()}})
+    if not rows:
+        where = f" matching {filter_string!r}" if filter_string else ""
+        raise UserError("--experiment", f"no finished runs{where} in experiment {experiment!r}")
+    frame = pd.DataFrame(rows).sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
+    # The axis: the param (the resolved config), else the tag; runs from elsewhere may have neither.
+    axis = frame["params.ablation"] if "params.ablation" in frame else pd.Series(pd.NA, index=frame.index)
+    if "tags.ablation" in frame:
+        axis = axis.fillna(frame["tags.ablation"])
+    frame["ablation"] = axis.fillna("")
+    return frame
+
+
+def _search(client, experiment_id, filter_string):
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+# --- tables --------------------------------------------------------------------------------------------
+
+def varying_params(runs):
+    """Config keys whose values differ across the runs (so differ from the base run where it is one of them)."""
+    keys = [c.removeprefix("params.") for c in runs.columns if c.startswith("params.")]
+    keys = [k for k in keys if k not in RUN_KEYS and runs[f"params.{k}"].fillna("").nunique() > 1]
+    order = {k: i for i, k in enumerate(CONFIG_ORDER)}
+    return sorted(keys, key=lambda k: (order.get(k, len(order)), k))
+
+
+def resolve_key(runs, key):
+    """A --group-by key -> its column: a param (model.conditioning), a tag (group), or the ablation axis."""
+    if key == "ablation":
+        candidates = ["ablation"]
+    elif key.startswith(("params.", "tags.")):
+        candidates = [key]
+    else:
+        candidates = [f"params.{key}", f"tags.{key}"]
+    for column in candidates:
+        if column in runs.columns:
+            return column
+    known = [c.split(".", 1)[1] for c in runs.columns if c.startswith(("params.", "tags."))]
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise UserError("--group-by", f"unknown key {key!r}{hint}; use a logged config key (model.conditioning, "
+                                  "eval.sampler, ...), a tag (group, seed) or ablation")
+
+
+def metric_column(runs, metric):
+    column = f"metrics.{metric}"
+    if column not in runs.columns:
+        metrics = sorted(c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics."))
+        raise UserError("--metric", f"no run has a metric {metric!r} (metrics: {', '.join(metrics)})")
+    return column
+
+
+def reported_test_metrics(runs):
+    """The test scores to report beside the validation metric: test_accuracy, new_test_accuracy, others."""
+    names = [c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")]
+    found = [n for n in names if is_test_metric(n) and n.endswith("_accuracy") and not n.startswith("final_")]
+    first = [n for n in ("test_accuracy", "new_test_accuracy") if n in found]
+    return first + sorted(set(found) - set(first))
+
+
+def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
+    """One row per group: its keys, `<metric>_mean/_std` and n over the group's runs (seeds), the test
+    scores' mean/std (reported only), and `best` on the row with the best validation mean.
+
+    group_by ("ablation",): a row per configuration (runs that differ only in seed), labelled by its axis
+    and the config keys that vary across the runs. Other keys (params or tags): a row per distinct value.
+    """
+    if is_test_metric(metric):
+        raise UserError("--metric", f"{metric!r} is a test metric; tables are ranked by a validation metric")
+    runs = runs.dropna(subset=[metric_column(runs, metric)])  # a run without the metric is no data point here
+    if list(group_by) == ["ablation"]:
+        keys = ["ablation", *varying_params(runs)]
+        columns = ["ablation", *[f"params.{k}" for k in keys[1:]]]
+    else:
+        keys = list(dict.fromkeys(group_by))
+        columns = [resolve_key(runs, k) for k in keys]
+    frame = runs[columns].fillna("").astype(str).set_axis(keys, axis=1)
+    reported = reported_test_metrics(runs)
+    stats = [metric, *reported]
+    for name in stats:
+        frame[name] = runs[f"metrics.{name}"]
+    grouped = frame.groupby(keys, sort=False, dropna=False)
+    table = grouped[stats].agg(["mean", "std"])
+    table.columns = [f"{name}_{stat}" for name, stat in table.columns]
+    table.insert(2, "n", grouped[metric].count())
+    table = table.reset_index()
+    table = table.iloc[sorted(range(len(table)), key=lambda i: _row_order(table.loc[i, keys], keys))]
+    table = table.reset_index(drop=True)
+    means = table[f"{metric}_mean"]
+    table["best"] = False
+    if means.notna().any():
+        table.loc[means.idxmin() if lower_is_better(metric) else means.idxmax(), "best"] = True
+    return table
+
+
+def _row_order(values, keys):
+    """base first, then each axis, then numbers by value (20 < 100 < 1000), the rest alphabetically."""
+    def natural(v):
+        try:
+            return (0, float(v), "")
+        except ValueError:
+            return (1, 0.0, v)
+    head = (values["ablation"] != "base",) if "ablation" in keys else ()
+    return (*head, *(natural(values[k]) for k in keys))
+
+
+def label_columns(table):
+    """The leading key columns of a table (everything before the first statistic)."""
+    columns = list(table.columns)
+    return columns[:next(i for i, c in enumerate(columns) if c.endswith("_mean"))]
+
+
+def _number(x):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}" if x == 0 or abs(x) >= 0.0005 else f"{x:.1e}"  # 3 decimals unless they would read 0.000
+
+
+def display_rows(table, pm="±", bold=lambda s: f"**{s}**"):
+    """Header and rows of strings: keys, `mean ± std` cells (std left out for n = 1), n; best metric in bold."""
+    keys = label_columns(table)
+    stats = [c.removesuffix("_mean") for c in table.columns if c.endswith("_mean")]
+    header = [*keys, stats[0], "n", *stats[1:]]
+    rows = []
+    for _, row in table.iterrows():
+        cells = {}
+        for name in stats:
+            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+            cells[name] = _number(mean) + ("" if pd.isna(std) or pd.isna(mean) else f" {pm} {_number(std)}")
+        if row["best"]:
+            cells[stats[0]] = bold(cells[stats[0]])
+        rows.append([*(str(row[k]) for k in keys), cells[stats[0]], str(row["n"]), *(cells[s] for s in stats[1:])])
+    return header, rows
+
+
+def to_markdown(table):
+    header, rows = display_rows(table)
+    widths = [max(3, *(len(r[i]) for r in [header, *rows])) for i in range(len(header))]  # GFM: "--:" at least
+    numeric = [i >= len(label_columns(table)) for i in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)) + " |"
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)) + " |"
+    return "\n".join([line(header), rule, *map(line, rows)]) + "\n"
+
+
+def to_csv(table):
+    """Machine-readable: means and stds in separate columns, `best` as True/False."""
+    return table.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
+def to_latex(table):
+    """A booktabs tabular (written here: pandas' to_latex needs jinja2, which is not pinned)."""
+    header, rows = display_rows(table, pm="$\\pm$", bold=lambda s: f"\\textbf{{{s}}}")
+    keys = len(label_columns(table))
+    spec = "l" * keys + "r" * (len(header) - keys)
+    lines = ["\\begin{tabular}{" + spec + "}", "\\toprule", " & ".join(map(_latex_escape, header)) + " \\\\",
+             "\\midrule"]
+    lines += [" & ".join([*map(_latex_escape, r[:keys]), *r[keys:]]) + " \\\\" for r in rows]
+    return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
+
+
+LATEX_SPECIAL = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+                 **{c: "\\" + c for c in "&%$#_{}"}}
+
+
+def _latex_escape(text):
+    return re.sub(r"[\\~^&%$#_{}]", lambda m: LATEX_SPECIAL[m.group()], text)
+
+
+def render(table, fmt="markdown"):
+    return {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](table)
+
+
+# --- model selection -----------------------------------------------------------------------------------
+
+def validation_view(runs):
+    """The runs without any test column: what model selection is allowed to see."""
+    return runs[[c for c in runs.columns if not is_test_metric(c)]]
+
+
+def select_best(runs, metric=DEFAULT_METRIC):
+    """The single run with the best validation metric (ties: the earliest run). Test metrics are dropped
+    before anything is compared, so no test score can change the choice."""
+    if is_test_metric(metric):
+        raise UserError("--metric", f"{metric!r} is a test metric; the best checkpoint is chosen by validation only")
+    seen = validation_view(runs)
+    column = metric_column(seen, metric)
+    scored = seen.dropna(subset=[column])
+    if scored.empty:
+        raise UserError("--metric", f"no finished run has a {metric!r} value")
+    ordered = scored.sort_values([column, "start_time", "run_id"], ascending=[lower_is_better(metric), True, True],
+                                 kind="stable")
+    return ordered.iloc[0]
+
+
+def describe_best(best, metric=DEFAULT_METRIC):
+    checkpoint = best.get("tags.best_checkpoint")
+    checkpoint = checkpoint if isinstance(checkpoint, str) else "none recorded"
+    return (f"best run by {metric} (validation): {best['run_id']} ({best['run_name']}), "
+            f"{metric} {best[f'metrics.{metric}']:.3f}; checkpoint {checkpoint}")
+
+
+# --- final test scoring --------------------------------------------------------------------------------
+
+def score_checkpoint(path, seeds=None, device=None):
+    """lab.trainer.score_checkpoint, imported only here: torch and diffusers load only for --final-test."""
+    from lab.trainer import score_checkpoint as score
+    return score(path, seeds=seeds, device=device)
+
+
+def final_test(client, best, seeds=None, device=None):
+    """Score the chosen run's best.pt on its test splits over `seeds` sampling seeds; log the scores to
+    that run (final_<split>_accuracy and _std, tag final_test_seeds). Returns {split: (mean, std, accs)}."""
+    from mlflow.entities import Metric, RunTag
+    run_id = best["run_id"]
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        scores = score_checkpoint(_local_checkpoint(client, best, tmp), seeds=seeds, device=device)
+    now = int(time.time() * 1000)
+    metrics = []
+    for split, (mean, std, _) in scores.items():
+        stem = Path(split).stem
+        metrics += [Metric(f"final_{stem}_accuracy", float(mean), now, 0),
+                    Metric(f"final_{stem}_accuracy_std", float(std), now, 0)]
+    used = max(len(accs) for _, _, accs in scores.values())
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag("final_test_seeds", str(used))], synchronous=True)
+    return scores
+
+
+def _local_checkpoint(client, best, tmp):
+    """The run's best.pt: the path its tag names on this machine, else the MLflow artifact (a shared server)."""
+    tagged = best.get("tags.best_checkpoint")
+    if isinstance(tagged, str) and Path(tagged).is_file():
+        return tagged
+    try:
+        return client.download_artifacts(best["run_id"], "checkpoints/best.pt", tmp)
+    except Exception as e:  # MlflowException or OSError from the artifact store: one line either way
+        raise UserError(best["run_id"], f"best checkpoint not found: {tagged or 'no best_checkpoint tag'} is not "
+                                        f"a file here and the checkpoints/best.pt artifact is unavailable "
+                                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def describe_scores(best, scores):
+    seeds = max(len(accs) for _, _, accs in scores.values())
+    lines = [f"final test scores of {best['run_id']} ({best['run_name']}) over {seeds} sampling seeds:"]
+    width = max(len(s) for s in scores)
+    lines += [f"  {split.ljust(width)}  {mean:.3f} ± {std:.3f}" for split, (mean, std, _) in scores.items()]
+    lines.append(f"logged to MLflow run {best['run_id']} as "
+                 + ", ".join(f"final_{Path(s).stem}_accuracy" for s in scores) + " (and _std)")
+    return "\n".join(lines)
+
+
+# --- charts --------------------------------------------------------------------------------------------
+
+def write_charts(runs, table, out_dir, metric=DEFAULT_METRIC):
+    """PNG charts: the metric per table row (error bars: std over seeds), and for sampler runs the metric
+    against sampler steps and sampling seconds per image. Returns the paths written."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_bar_chart(Figure, table, out / "accuracy_by_ablation.png", metric)]
+    sampler = _sampler_chart(Figure, runs, out / "accuracy_vs_sampler.png", metric)
+    return paths + ([sampler] if sampler else [])
+
+
+def row_labels(table):
+    """Short labels: the axis and the values where a row differs from the base row ('sampler: dpmsolver++, 20')."""
+    keys = label_columns(table)
+    values = [k for k in keys if k != "ablation"]
+    is_base = table["ablation"] == "base" if "ablation" in keys else pd.Series(False, index=table.index)
+    base = table[is_base].iloc[0] if is_base.any() else None
+    labels = []
+    for i, row in table.iterrows():
+        changed = ", ".join(str(row[k]) for k in values if base is None or row[k] != base[k])
+        if "ablation" not in keys:
+            labels.append(changed)
+        else:
+            labels.append(row["ablation"] + (f": {changed}" if changed and not is_base[i] else ""))
+    return labels
+
+
+def _bar_chart(Figure, table, path, metric):
+    labels = row_labels(table)
+    means = table[f"{metric}_mean"].to_numpy(dtype=float)
+    stds = table[f"{metric}_std"].fillna(0).to_numpy(dtype=float)
+    axes_names = list(dict.fromkeys(table["ablation"])) if "ablation" in table else [""]
+    colors = [f"C{axes_names.index(a) % 10}" for a in table["ablation"]] if "ablation" in table else ["C0"] * len(table)
+    fig = Figure(figsize=(max(6, 0.8 * len(table) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(table)), means, yerr=stds, capsize=4, color=colors,
+                  edgecolor=["black" if b else "none" for b in table["best"]], linewidth=2)
+    for bar, n in zip(bars, table["n"]):
+        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 3), textcoords="offset points",
+                    ha="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(table)), labels, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.set_title(f"{metric} per ablation (outlined: best)")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _sampler_chart(Figure, runs, path, metric):
+    """Per (sampler, steps): the metric against steps and against sampling time. Only base and sampler runs
+    when the sampler axis is there, so that other ablations at DDIM-50 do not blur the points."""
+    if not {"params.eval.sampler", "params.eval.steps"} <= set(runs.columns):
+        return None
+    picked = runs[runs["ablation"].isin(["base", "sampler"])] if (runs["ablation"] == "sampler").any() else runs
+    frame = pd.DataFrame({"sampler": picked["params.eval.sampler"].fillna("?"),
+                          "steps": pd.to_numeric(picked["params.eval.steps"], errors="coerce"),
+                          "value": picked[f"metrics.{metric}"],
+                          "seconds": picked.get("metrics.sample_s_per_image", pd.Series(float("nan"),
+                                                                                          index=picked.index))})
+    points = frame.dropna(subset=["steps", "value"]).groupby(["sampler", "steps"]).agg(
+        mean=("value", "mean"), std=("value", "std"), seconds=("seconds", "mean")).reset_index()
+    if points.empty:
+        return None
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    by_steps, by_time = fig.subplots(1, 2, sharey=True)
+    for i, (name, group) in enumerate(points.groupby("sampler")):
+        group = group.sort_values("steps")
+        style = dict(marker="o", capsize=4, color=f"C{i}", label=name)
+        by_steps.errorbar(group["steps"], group["mean"], yerr=group["std"].fillna(0), **style)
+        timed = group.dropna(subset=["seconds"])
+        by_time.errorbar(timed["seconds"], timed["mean"], yerr=timed["std"].fillna(0), **style)
+        for _, p in timed.iterrows():
+            by_time.annotate(f"{p['steps']:g} steps", (p["seconds"], p["mean"]), xytext=(4, 4),
+                             textcoords="offset points", fontsize=8)
+    for ax, xlabel in ((by_steps, "sampler steps"), (by_time, "sampling seconds per image")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    steps = sorted(points["steps"].unique())
+    by_steps.set_xticks(steps, [f"{s:g}" for s in steps], minor=False)
+    by_steps.minorticks_off()
+    by_steps.set_ylabel(f"{metric} (mean ± std over seeds)")
+    by_steps.legend()
+    fig.suptitle(f"{metric} against sampler cost")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+def compare(experiment, tracking_uri=None, filter_string=None, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC,
+            fmt="markdown", charts=None, best=False, final=False, seeds=None, device=None, log=print):
+    """What compare.py does: the table, then charts, the best run and its final test scores when asked."""
+    client = open_store(tracking_uri)
+    runs = load_runs(client, experiment, filter_string)
+    table = ablation_table(runs, group_by, metric)
+    log(render(table, fmt).rstrip("\n"))
+    if charts:
+        for path in write_charts(runs, table, charts, metric):
+            log(f"chart: {os.path.relpath(path)}")
+    if best or final:
+        chosen = select_best(runs, metric)
+        log(describe_best(chosen, metric))
+        if final:
+            log(describe_scores(chosen, final_test(client, chosen, seeds, device)))
+    return table

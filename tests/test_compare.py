@@ -1,0 +1,265 @@
+"""compare.py on a hand-made MLflow store with known figures: tables, best run, charts, errors, final scoring."""
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from compare import main
+from lab import report
+
+EXPERIMENT = "iclevr-ablations"
+BASE = {"experiment": EXPERIMENT, "model.unet": "reference", "model.conditioning": "time_add",
+        "diffusion.beta_schedule": "cosine", "train.lr": "0.0001", "eval.sampler": "ddim", "eval.steps": "50",
+        "eval.test_splits": "['test.json', 'new_test.json']"}
+# name -> (axis, what it changes, per seed: best_val_accuracy, test_accuracy, new_test_accuracy, s/image)
+CONFIGS = {
+    "base": ("base", {}, [0.50, 0.52, 0.54], [0.45, 0.47, 0.49], [0.40, 0.42, 0.44], 0.10),
+    "cond_adagn": ("conditioning", {"model.conditioning": "adagn"},
+                   [0.60, 0.61, 0.62], [0.30, 0.31, 0.32], [0.20, 0.21, 0.22], 0.12),
+    # the worst validation scores and the best test scores: a selection peeking at test would pick these
+    "sampler_dpmsolver20": ("sampler", {"eval.sampler": "dpmsolver++", "eval.steps": "20"},
+                            [0.40, 0.42, 0.44], [0.99, 0.90, 0.91], [0.95, 0.90, 0.85], 0.04),
+}
+BEST_RUN = "cond_adagn-seed2"
+
+
+def add_run(client, experiment_id, name, params, metrics, tags=None, status="FINISHED"):
+    run = client.create_run(experiment_id, run_name=name, tags={"mlflow.runName": name, **(tags or {})})
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     params=[Param(k, v) for k, v in params.items()], synchronous=True)
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The store, built once (creating an MLflow SQLite schema takes seconds); tests get a copy."""
+    folder = tmp_path_factory.mktemp("store")
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(folder / "artifacts"))
+    client.create_experiment("other")
+    ids = {}
+    for name, (axis, changes, vals, tests, new_tests, seconds) in CONFIGS.items():
+        for seed, (val, test, new_test) in enumerate(zip(vals, tests, new_tests)):
+            run_name = f"{name}-seed{seed}"
+            checkpoint = folder / "runs" / run_name / "best.pt"
+            checkpoint.parent.mkdir(parents=True)
+            checkpoint.write_bytes(b"weights of " + run_name.encode())
+            ids[run_name] = add_run(
+                client, experiment_id, run_name,
+                {**BASE, **changes, "ablation": axis, "seed": str(seed), "run_name": run_name},
+                {"best_val_accuracy": val, "val_accuracy": val - 0.05, "test_accuracy": test,
+                 "test_accuracy_std": 0.01, "new_test_accuracy": new_test, "new_test_accuracy_std": 0.02,
+                 "sample_s_per_image": seconds},
+                {"ablation": axis, "seed": str(seed), "group": name, "best_checkpoint": str(checkpoint)})
+    # never counted: a crashed run, a running one, a sweep's parent (its trial, base-seed2, counts), and a
+    # finished run without the metric or any params (it would otherwise make every config key "vary")
+    add_run(client, experiment_id, "notes", {}, {"loss": 1.0})
+    add_run(client, experiment_id, "crashed", {**BASE, "ablation": "base", "seed": "7"},
+            {"best_val_accuracy": 0.99}, {"ablation": "base"}, status="FAILED")
+    add_run(client, experiment_id, "running", {**BASE, "ablation": "base", "seed": "8"},
+            {"best_val_accuracy": 0.99}, {"ablation": "base"}, status="RUNNING")
+    parent = add_run(client, experiment_id, "sweep", {}, {"best_val_accuracy": 0.98}, {"ablation": "sweep"})
+    client.set_tag(ids["base-seed2"], "mlflow.parentRunId", parent)
+    return folder, ids
+
+
+@pytest.fixture
+def store_uri(store, tmp_path, monkeypatch):
+    """A private copy of the store as MLFLOW_TRACKING_URI, with the working directory in tmp_path."""
+    folder, _ = store
+    shutil.copy(folder / "mlflow.db", tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+MARKDOWN = """\
+| ablation     | model.conditioning | eval.sampler | eval.steps | best_val_accuracy |   n | test_accuracy | new_test_accuracy |
+| ------------ | ------------------ | ------------ | ---------- | ----------------: | --: | ------------: | ----------------: |
+| base         | time_add           | ddim         | 50         |     0.520 ± 0.020 |   3 | 0.470 ± 0.020 |     0.420 ± 0.020 |
+| conditioning | adagn              | ddim         | 50         | **0.610 ± 0.010** |   3 | 0.310 ± 0.010 |     0.210 ± 0.010 |
+| sampler      | time_add           | dpmsolver++  | 20         |     0.420 ± 0.020 |   3 | 0.933 ± 0.049 |     0.900 ± 0.050 |
+"""
+
+CSV = """\
+ablation,model.conditioning,eval.sampler,eval.steps,best_val_accuracy_mean,best_val_accuracy_std,n,\
+test_accuracy_mean,test_accuracy_std,new_test_accuracy_mean,new_test_accuracy_std,best
+base,time_add,ddim,50,0.52,0.02,3,0.47,0.02,0.42,0.02,False
+conditioning,adagn,ddim,50,0.61,0.01,3,0.31,0.01,0.21,0.01,True
+sampler,time_add,dpmsolver++,20,0.42,0.02,3,0.933333,0.0493288,0.9,0.05,False
+"""
+
+
+def test_markdown_table(store_uri, capsys):
+    """One row per configuration over its 3 seeds; only the keys that vary; failed, running and sweep-parent
+    runs left out; the best validation mean in bold; test scores shown, not ranked."""
+    code, out, err = run_cli(capsys)
+    assert code == 0, err
+    assert out == MARKDOWN
+
+
+def test_csv_table(store_uri, capsys):
+    code, out, _ = run_cli(capsys, "--format", "csv", "--tracking-uri", store_uri)
+    assert code == 0
+    assert out == CSV
+
+
+def test_latex_table(store_uri, capsys):
+    code, out, _ = run_cli(capsys, "--format", "latex")
+    assert code == 0
+    assert out.startswith("\\begin{tabular}{llllrrrr}\n\\toprule\n")
+    assert "ablation & model.conditioning & eval.sampler & eval.steps & best\\_val\\_accuracy & n" in out
+    assert "conditioning & adagn & ddim & 50 & \\textbf{0.610 $\\pm$ 0.010} & 3 & 0.310 $\\pm$ 0.010" in out
+    assert out.endswith("\\bottomrule\n\\end{tabular}\n")
+
+
+def test_group_by_params_and_filter(store_uri, capsys):
+    client = report.open_store()
+    table = report.ablation_table(report.load_runs(client, EXPERIMENT), ["model.conditioning"])
+    assert table["model.conditioning"].tolist() == ["adagn", "time_add"]
+    assert table["n"].tolist() == [3, 6]
+    assert table["best_val_accuracy_mean"].round(6).tolist() == [0.61, 0.47]
+    assert table["best"].tolist() == [True, False]
+    code, out, _ = run_cli(capsys, "--group-by", "group", "eval.steps", "--format", "csv")
+    assert code == 0 and out.splitlines()[0].startswith("group,eval.steps,best_val_accuracy_mean,")
+    assert [line.split(",")[:2] for line in out.splitlines()[1:]] == [
+        ["base", "50"], ["cond_adagn", "50"], ["sampler_dpmsolver20", "20"]]
+    # a filter keeps the sampler runs; nothing varies among them, so only the axis is shown
+    code, out, _ = run_cli(capsys, "--filter", "tags.ablation = 'sampler'")
+    assert code == 0
+    assert out.splitlines()[0] == "| ablation | best_val_accuracy |   n | test_accuracy | new_test_accuracy |"
+    assert out.splitlines()[2] == "| sampler  | **0.420 ± 0.020** |   3 | 0.933 ± 0.049 |     0.900 ± 0.050 |"
+
+
+def test_best_is_chosen_by_validation_never_by_test(store, store_uri, capsys):
+    _, ids = store
+    code, out, _ = run_cli(capsys, "--best")
+    assert code == 0
+    checkpoint = store[0] / "runs" / BEST_RUN / "best.pt"
+    assert out.splitlines()[-1] == (f"best run by best_val_accuracy (validation): {ids[BEST_RUN]} ({BEST_RUN}), "
+                                    f"best_val_accuracy 0.620; checkpoint {checkpoint}")
+    runs = report.load_runs(report.open_store(), EXPERIMENT)
+    assert report.select_best(runs)["run_id"] == ids[BEST_RUN]
+    # whatever the test scores say, the choice stays; the selection never even receives them
+    worst = runs["metrics.best_val_accuracy"].idxmin()
+    for column in [c for c in runs.columns if "test" in c and c.startswith("metrics.")]:
+        changed = runs.copy()
+        changed[column] = 0.0
+        changed.loc[worst, column] = 1.0
+        assert report.select_best(changed)["run_id"] == ids[BEST_RUN]
+    assert not any("test" in c for c in report.select_best(runs).index)
+    no_tests = runs[[c for c in runs.columns if "test" not in c]]
+    assert report.select_best(no_tests)["run_id"] == ids[BEST_RUN]
+    # a lower-is-better validation metric picks the minimum
+    runs["metrics.val_fd"] = runs["metrics.best_val_accuracy"]
+    assert report.select_best(runs, "val_fd")["run_name"] == "sampler_dpmsolver20-seed0"
+
+
+def test_charts_are_png_files(store_uri, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "--charts", "charts")
+    assert code == 0
+    assert out.splitlines()[-2:] == ["chart: charts/accuracy_by_ablation.png", "chart: charts/accuracy_vs_sampler.png"]
+    for name in ("accuracy_by_ablation.png", "accuracy_vs_sampler.png"):
+        assert (tmp_path / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = report.ablation_table(report.load_runs(report.open_store(), EXPERIMENT))
+    assert report.row_labels(table) == ["base", "conditioning: adagn", "sampler: dpmsolver++, 20"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experiment", "nope"], "error: --experiment: no experiment named 'nope' in sqlite:///"),
+    (["--experiment", "other"], "error: --experiment: no finished runs in experiment 'other'"),
+    (["--filter", "tags.ablation = sampler"], "error: --filter: 'tags.ablation = sampler': Parameter value is"),
+    (["--group-by", "model.conditoning"],
+     "error: --group-by: unknown key 'model.conditoning' (did you mean model.conditioning?)"),
+    (["--metric", "val_acc"], "error: --metric: no run has a metric 'val_acc'"),
+    (["--best", "--metric", "test_accuracy"], "error: --metric: 'test_accuracy' is a test metric"),
+    (["--tracking-uri", "sqlite:///missing.db"], "error: --tracking-uri: no MLflow store at sqlite:///missing.db"),
+    (["--seeds", "3"], "error: --seeds: only --final-test samples"),
+], ids=["experiment", "no-runs", "filter", "group-by", "metric", "test-metric", "store", "seeds"])
+def test_user_errors_are_one_line(store_uri, capsys, tmp_path, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "missing.db").exists()
+
+
+def fake_scores(calls):
+    def score(path, seeds=None, device=None):
+        calls.append((path, Path(path).read_bytes(), seeds))
+        return {"test.json": (0.7, 0.02, [0.68, 0.7, 0.72, 0.7]), "new_test.json": (0.6, 0.01, [0.6] * 4)}
+    return score
+
+
+def test_final_test_scores_the_chosen_checkpoint_and_logs_to_its_run(store, store_uri, capsys, monkeypatch):
+    _, ids = store
+    calls = []
+    monkeypatch.setattr(report, "score_checkpoint", fake_scores(calls))
+    code, out, err = run_cli(capsys, "--final-test", "--seeds", "4")
+    assert code == 0, err
+    assert calls == [(str(store[0] / "runs" / BEST_RUN / "best.pt"), f"weights of {BEST_RUN}".encode(), 4)]
+    assert out.splitlines()[-4:] == [
+        f"final test scores of {ids[BEST_RUN]} ({BEST_RUN}) over 4 sampling seeds:",
+        "  test.json      0.700 ± 0.020",
+        "  new_test.json  0.600 ± 0.010",
+        f"logged to MLflow run {ids[BEST_RUN]} as final_test_accuracy, final_new_test_accuracy (and _std)"]
+    client = MlflowClient(store_uri)
+    run = client.get_run(ids[BEST_RUN])
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("final_")} == {
+        "final_test_accuracy": 0.7, "final_test_accuracy_std": 0.02,
+        "final_new_test_accuracy": 0.6, "final_new_test_accuracy_std": 0.01}
+    assert run.data.tags["final_test_seeds"] == "4"
+    others = [client.get_run(i) for name, i in ids.items() if name != BEST_RUN]
+    assert not any("final_test_accuracy" in r.data.metrics for r in others)
+    # the final scores show up nowhere in the table, and change no choice
+    code, out, _ = run_cli(capsys, "--best")
+    assert out.startswith(MARKDOWN) and f"({BEST_RUN})" in out
+
+
+def test_final_test_fetches_the_artifact_when_the_tagged_path_is_gone(store, store_uri, capsys, monkeypatch,
+                                                                      tmp_path):
+    _, ids = store
+    client = MlflowClient(store_uri)
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"from the artifact store")
+    client.log_artifact(ids[BEST_RUN], str(weights), "checkpoints")
+    client.set_tag(ids[BEST_RUN], "best_checkpoint", str(tmp_path / "elsewhere" / "best.pt"))
+    calls = []
+    monkeypatch.setattr(report, "score_checkpoint", fake_scores(calls))
+    assert run_cli(capsys, "--final-test")[0] == 0
+    assert calls[0][1:] == (b"from the artifact store", None)
+    # neither the tagged file nor an artifact: one line
+    client.set_tag(ids["base-seed0"], "best_checkpoint", str(tmp_path / "gone.pt"))
+    runs = report.load_runs(client, EXPERIMENT)
+    with pytest.raises(report.UserError, match="best checkpoint not found"):
+        report.final_test(client, runs[runs["run_name"] == "base-seed0"].iloc[0])
+
+
+@pytest.mark.slow
+def test_final_test_on_a_real_tiny_checkpoint(tiny_experiment, capsys):
+    """A real tiny training run (conftest's TINY config, one epoch), then --best --final-test on its best.pt."""
+    from run_experiment import main as run_experiment
+    assert run_experiment([str(tiny_experiment), "--set", "train.epochs=1", "--set", "eval.final_seeds=1",
+                           "--set", "eval.guidance_scale=1.0"]) == 0
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "--experiment", "tiny", "--final-test", "--seeds", "2", "--device", "cpu")
+    assert code == 0, err
+    client = MlflowClient("sqlite:///mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
+    assert f"final test scores of {run.info.run_id} (tiny) over 2 sampling seeds:" in out
+    for split in ("test", "new_test"):
+        assert 0 <= run.data.metrics[f"final_{split}_accuracy"] <= 1
+        assert f"  {split}.json " in out
+    assert run.data.tags["final_test_seeds"] == "2"

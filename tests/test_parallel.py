@@ -1,0 +1,27 @@
+"""Data parallel: the same config under torchrun with 2 CPU processes (gloo); only the main one logs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from lab.checkpoints import load_checkpoint
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_run(tiny_experiment, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "run_experiment.py"), str(tiny_experiment), "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("MLflow run ") == 1  # one summary: only the main process reports
+    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # 60 images, 8 per process and step, 2 processes: 3 steps an epoch, 3 epochs
+    assert load_checkpoint(tmp_path / "runs" / "tiny" / "latest.pt")["step"] == 9
+    assert runs[0].data.metrics["test_accuracy"] >= 0
