@@ -143,10 +143,11 @@ def save_checkpoint(model, path):
     atomic_save({"model": model.state_dict()}, path)
 
 
-def train_evaluator(root, out, epochs=4, batch_size=64, lr=1e-3, seed=0, device="cpu", log=print):
+def train_evaluator(root, out, epochs=8, batch_size=64, lr=1e-3, seed=0, device="cpu", log=print):
     """Train the ResNet18 evaluator on a root's training images and save it in the course format."""
     from tqdm import tqdm
     torch.manual_seed(seed)
+    start = time.time()
     data = load_train(root)
     images, labels = data.images, data.labels
     model = build_resnet(labels.shape[1]).to(device).to(memory_format=torch.channels_last)
@@ -164,7 +165,10 @@ def train_evaluator(root, out, epochs=4, batch_size=64, lr=1e-3, seed=0, device=
             flip = torch.rand(len(x), device=device) < 0.5  # labels have no left/right
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             x = x + 0.05 * torch.randn_like(x)  # generated images are noisier than renders
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):  # ~2x faster, on CPUs too
+            blur = torch.rand(len(x), device=device) < 0.25  # and blurrier, e.g. drawn at 32x32 and upsampled
+            x = torch.where(blur[:, None, None, None], F.interpolate(F.interpolate(
+                x, scale_factor=0.5, mode="bilinear", antialias=True), scale_factor=2, mode="bilinear"), x)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):  # 1.4x faster on CPU too
                 logits = body(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
@@ -174,7 +178,7 @@ def train_evaluator(root, out, epochs=4, batch_size=64, lr=1e-3, seed=0, device=
             bar.update()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        log(f"evaluator epoch {epoch + 1}/{epochs}: loss {total / len(images):.4f}")
+        log(f"evaluator epoch {epoch + 1}/{epochs}: loss {total / len(images):.4f} ({time.time() - start:.0f} s)")
     bar.close()
     save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), out)
     return out
@@ -203,7 +207,7 @@ def default_evaluator_path(root):
     return default_cache_dir() / "evaluator" / f"evaluator-{digest.hexdigest()}.pth"
 
 
-def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=4):
+def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=8):
     """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused."""
     if checkpoint:
         return load_evaluator(checkpoint, device)
@@ -225,7 +229,7 @@ def main(argv=None):
     train = sub.add_parser("train", help="train our evaluator on a root (default: the synthetic set) and check it")
     train.add_argument("--root", default=None, help="data root (default: the synthetic i-CLEVR set)")
     train.add_argument("--out", default=None, help="checkpoint path (default: the cache)")
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=8)
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes")
     check.add_argument("checkpoint")
     check.add_argument("--scenes", type=int, default=300)
