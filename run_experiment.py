@@ -1,12 +1,13 @@
 """Run an experiment from YAML: `python run_experiment.py experiments/base.yaml [--set key=value ...]`.
 
 --dry-run prints the resolved config and exits. --seeds repeats the experiment over several seeds
-(one MLflow run each, sharing a group tag). Errors a user can make end in one line and exit code 1.
+(one MLflow run each, sharing a group tag). A sweep file (a top-level `sweep:` key, experiments/sweeps/)
+runs or resumes an Optuna study instead (lab/sweeps.py). Errors a user can make end in one line and exit code 1.
 """
 import argparse
 import sys
 
-from lab.config import load_config, to_yaml
+from lab.config import load_config, read_yaml, to_yaml
 from lab.errors import UserError
 
 
@@ -19,12 +20,21 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", help="repeat over these seeds (overrides `seeds:`)")
     parser.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint and start over")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--n-trials", type=int, metavar="N",
+                        help="sweep files: finished trials the study should hold in total (overrides sweep.n_trials)")
+    parser.add_argument("--storage", metavar="URL_OR_PATH",
+                        help="sweep files: Optuna storage, an RDB URL (sqlite:///optuna.db, postgresql://...) "
+                             "or a journal file (PATH.log, PATH.jsonl, journal:PATH)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if "sweep" in read_yaml(args.config):
+            return run_sweep(args)
+        if args.n_trials is not None or args.storage is not None:
+            raise UserError("--n-trials/--storage", f"only for sweep files; {args.config} has no `sweep:` key")
         config = load_config(args.config, args.overrides)
         seeds = args.seeds or config.seeds
         if args.dry_run:
@@ -36,6 +46,20 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_sweep(args):
+    from lab import sweeps  # heavy imports only when a sweep runs
+    if args.seeds or args.fresh:
+        raise UserError("--seeds/--fresh", "not for sweep files (every trial trains once, from scratch; "
+                                           "a new study_name starts a new study)")
+    if args.dry_run:
+        sweep = sweeps.load_sweep(args.config, args.overrides, n_trials=args.n_trials, storage=args.storage)
+        print(sweeps.to_yaml(sweep), end="")
+        return 0
+    sweeps.print_summary(sweeps.run(args.config, n_trials=args.n_trials, storage=args.storage,
+                                    overrides=args.overrides, device=args.device))
     return 0
 
 
