@@ -9,7 +9,7 @@ seeds and logs the scores to that run. Errors a user can make end in one line an
 import argparse
 import sys
 
-from lab.errors import UserError
+from lab.errors import UserError, reports_user_errors
 
 
 def positive(text):
@@ -44,18 +44,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv=None):
     args = parse_args(argv)
     if args.seeds and not args.final_test:
-        print("error: --seeds: only --final-test samples (add --final-test)", file=sys.stderr)
-        return 1
-    try:
-        from lab import report  # pandas and mlflow load after --help
-        report.compare(args.experiment, args.tracking_uri, args.filter_string, args.group_by, args.metric,
-                       args.fmt, args.charts, args.best, args.final_test, args.seeds, args.device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError("--seeds", "only --final-test samples (add --final-test)")
+    from lab import report  # pandas and mlflow load after --help
+    report.compare(args.experiment, args.tracking_uri, args.filter_string, args.group_by, args.metric,
+                   args.fmt, args.charts, args.best, args.final_test, args.seeds, args.device)
     return 0
 
 

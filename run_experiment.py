@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from lab.config import load_config, read_yaml, to_yaml
-from lab.errors import UserError
+from lab.errors import UserError, reports_user_errors
 
 
 def parse_args(argv=None):
@@ -28,24 +28,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@reports_user_errors
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if "sweep" in read_yaml(args.config):
-            return run_sweep(args)
-        if args.n_trials is not None or args.storage is not None:
-            raise UserError("--n-trials/--storage", f"only for sweep files; {args.config} has no `sweep:` key")
-        config = load_config(args.config, args.overrides)
-        seeds = args.seeds or config.seeds
-        if args.dry_run:
-            print(to_yaml(config), end="")
-            return 0
-        from lab import experiment  # heavy imports (torch, diffusers, mlflow) only when training
-        summaries = experiment.run(config, args.config, seeds=seeds, fresh=args.fresh, device=args.device)
-        experiment.print_summaries(summaries)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if "sweep" in read_yaml(args.config):
+        return run_sweep(args)
+    if args.n_trials is not None or args.storage is not None:
+        raise UserError("--n-trials/--storage", f"only for sweep files; {args.config} has no `sweep:` key")
+    config = load_config(args.config, args.overrides)
+    seeds = args.seeds or config.seeds
+    if args.dry_run:
+        print(to_yaml(config), end="")
+        return 0
+    from lab import experiment  # heavy imports (torch, diffusers, mlflow) only when training
+    summaries = experiment.run(config, args.config, seeds=seeds, fresh=args.fresh, device=args.device)
+    experiment.print_summaries(summaries)
     return 0
 
 

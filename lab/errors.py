@@ -7,3 +7,18 @@ class UserError(Exception):
     def __init__(self, where, message):
         self.where = str(where)
         super().__init__(f"{where}: {message}")
+
+
+def reports_user_errors(main):
+    """Wrap a command-line `main`: a UserError becomes `error: ...` on stderr and exit code 1."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return wrapper

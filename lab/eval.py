@@ -21,7 +21,7 @@ from torch import nn
 
 from lab.checkpoints import atomic_save, safe_load
 from lab.data.iclevr import default_cache_dir, load_train, normalize
-from lab.errors import UserError
+from lab.errors import UserError, reports_user_errors
 
 
 def build_resnet(num_labels=24):
@@ -222,6 +222,7 @@ def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=8):
     return load_evaluator(path, device)
 
 
+@reports_user_errors
 def main(argv=None):
     from lab.data import resolve_root
     parser = argparse.ArgumentParser(prog="python -m lab.eval", description="train or check the evaluator")
@@ -235,23 +236,19 @@ def main(argv=None):
     check.add_argument("--scenes", type=int, default=300)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        if args.command == "train":
-            root = resolve_root(args.root)
-            out = Path(args.out) if args.out else default_evaluator_path(root)
-            start = time.time()
-            train_evaluator(root, out, epochs=args.epochs, device=device)
-            print(f"trained in {time.time() - start:.0f} s -> {out}")
-            checkpoint = out
-        else:
-            checkpoint = args.checkpoint
-        result = heldout_check(checkpoint, scenes=getattr(args, "scenes", 300), device=device)
-        print(result["per_label"].to_string(index=False, float_format="%.3f"))
-        print("binding errors of the misses:", result["binding_errors"])
-        print(f"held-out accuracy: {result['accuracy']:.4f} ({result['images']} freshly rendered images)")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.command == "train":
+        root = resolve_root(args.root)
+        out = Path(args.out) if args.out else default_evaluator_path(root)
+        start = time.time()
+        train_evaluator(root, out, epochs=args.epochs, device=device)
+        print(f"trained in {time.time() - start:.0f} s -> {out}")
+        checkpoint = out
+    else:
+        checkpoint = args.checkpoint
+    result = heldout_check(checkpoint, scenes=getattr(args, "scenes", 300), device=device)
+    print(result["per_label"].to_string(index=False, float_format="%.3f"))
+    print("binding errors of the misses:", result["binding_errors"])
+    print(f"held-out accuracy: {result['accuracy']:.4f} ({result['images']} freshly rendered images)")
     return 0
 
 

@@ -228,6 +228,31 @@ def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
     return score_splits(model, setup, seeds or config.eval.final_seeds, log_grid)
 
 
+def build_optimisation(setup, total_steps):
+    """Optimizer, LR schedule, EMA and the forward callable (DDP-wrapped, compiled) for `setup.model`.
+
+    The fast path on GPU: TF32 matmuls, channels_last weights, fused Adam; torch.compile by default.
+    """
+    tc, device, model = setup.config.train, setup.device, setup.model
+    gpu_fast = tc.fast_path and device.type == "cuda"
+    if gpu_fast:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        model.to(memory_format=torch.channels_last)
+    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=gpu_fast or None)
+    lr_schedule = get_scheduler("cosine" if tc.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
+                                num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
+    ema = EMAModel(model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.warmup) if tc.ema.enabled else None
+    forward = parallel.wrap(model, device)
+    if compiles(tc, device):
+        forward = torch.compile(forward)  # state_dicts stay on `model`: no _orig_mod. prefix
+    return optimizer, lr_schedule, ema, forward
+
+
+def compiles(train_config, device):
+    return train_config.compile == "on" or (train_config.compile == "auto" and device.type == "cuda")
+
+
 def optimizer_step(micro_batches, *, forward, model, optimizer, lr_schedule, ema, setup, generator, stats, step):
     """One optimizer step over micro-batches of (uint8 images, labels) already on the device.
 
@@ -283,18 +308,7 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
     steps_per_epoch = max(len(images) // per_step, 1)
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    gpu_fast = tc.fast_path and device.type == "cuda"
-    if gpu_fast:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        model.to(memory_format=torch.channels_last)
-    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=gpu_fast or None)
-    lr_schedule = get_scheduler("cosine" if tc.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
-                                num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
-    ema = EMAModel(model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.warmup) if tc.ema.enabled else None
-    forward = parallel.wrap(model, device)
-    if tc.compile == "on" or (tc.compile == "auto" and device.type == "cuda"):
-        forward = torch.compile(forward)  # state_dicts stay on `model`: no _orig_mod. prefix
+    optimizer, lr_schedule, ema, forward = build_optimisation(setup, total_steps)
     step, start_epoch, best_acc, run_id = 0, 0, -1.0, None
     if resume:
         model.load_state_dict(resume["model"])

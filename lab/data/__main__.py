@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from lab.errors import UserError
+from lab.errors import UserError, reports_user_errors
 
 
 def contact_sheet(root, out, count=24, columns=6):
@@ -44,6 +44,7 @@ def info(root, image_size=64):
             print(f"  {split}: {len(sizes)} label sets ({', '.join(f'{sizes.count(k)}×{k}' for k in (1, 2, 3))})")
 
 
+@reports_user_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lab.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,24 +61,20 @@ def main(argv=None):
     check = sub.add_parser("info", help="load a root with the reader and print what it holds")
     check.add_argument("root")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "render":
-            from lab.data.synthetic import write_root
-            if args.scenes < 1:
-                raise UserError("--scenes", f"must be at least 1, got {args.scenes}")
-            width, height = (int(v) for v in args.size.lower().split("x"))
-            start = time.time()
-            root = write_root(args.out, scenes=args.scenes, seed=args.seed, width=width, height=height,
-                              workers=args.workers)
-            print(f"wrote {3 * args.scenes} images to {root} in {time.time() - start:.1f} s")
-            print(f"contact sheet: {contact_sheet(root, root / 'contact_sheet.png')}")
-        elif args.command == "sheet":
-            print(contact_sheet(args.root, args.out or Path(args.root) / "contact_sheet.png", args.count))
-        else:
-            info(Path(args.root))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.command == "render":
+        from lab.data.synthetic import write_root
+        if args.scenes < 1:
+            raise UserError("--scenes", f"must be at least 1, got {args.scenes}")
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        start = time.time()
+        root = write_root(args.out, scenes=args.scenes, seed=args.seed, width=width, height=height,
+                          workers=args.workers)
+        print(f"wrote {3 * args.scenes} images to {root} in {time.time() - start:.1f} s")
+        print(f"contact sheet: {contact_sheet(root, root / 'contact_sheet.png')}")
+    elif args.command == "sheet":
+        print(contact_sheet(args.root, args.out or Path(args.root) / "contact_sheet.png", args.count))
+    else:
+        info(Path(args.root))
     return 0
 
 
