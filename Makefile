@@ -20,5 +20,13 @@ test-fast: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) run_experiment.py experiments/quickstart.yaml
 
+# The whole ablation suite at GPU scale (base + every file in experiments/ablations/, over SEEDS),
+# then the table and charts. Re-running resumes interrupted runs and skips finished ones.
+SEEDS ?= 0 1 2
+ablations: $(VENV)/.installed
+	$(PY) run_experiment.py experiments/base.yaml --seeds $(SEEDS)
+	for f in experiments/ablations/*.yaml; do $(PY) run_experiment.py $$f --seeds $(SEEDS) || exit 1; done
+	$(PY) compare.py --experiment iclevr-ablations --charts
+
 clean:
 	rm -rf .pytest_cache mlflow.db mlruns mlartifacts optuna.db runs

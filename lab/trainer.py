@@ -249,6 +249,14 @@ def build_optimisation(setup, total_steps):
     return optimizer, lr_schedule, ema, forward
 
 
+def out_of_time(started, minutes, device):
+    """Whether the time budget is spent; under data parallel the main process decides for all."""
+    flag = torch.tensor(float(time.perf_counter() - started > minutes * 60), device=device)
+    if parallel.world_size() > 1:
+        torch.distributed.broadcast(flag, 0)
+    return bool(flag)
+
+
 def compiles(train_config, device):
     return train_config.compile == "on" or (train_config.compile == "auto" and device.type == "cuda")
 
@@ -332,6 +340,7 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         # rows: loss sum and sample count per timestep quartile, first non-finite step (column 0)
         stats = torch.zeros(3, 4, device=device)
         window_start, window_images = time.perf_counter(), 0
+        started = time.perf_counter()
         for epoch in range(start_epoch, epochs):
             model.train()
             # Seeded per epoch (checkpoints are at epoch ends): a resumed run replays exactly. Every
@@ -352,6 +361,8 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                 step += 1
                 window_images += per_step
                 bar.update()
+                if tc.max_minutes and out_of_time(started, tc.max_minutes, device):
+                    total_steps = step  # a time budget (the CPU quickstart): finish as if this were the last step
                 # a NaN stops the run at once on CPU, where a readback is free; on GPU every log_every steps
                 log_now = step % tc.log_every == 0 or step == total_steps
                 if log_now or device.type == "cpu":
