@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -56,6 +55,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
         self.pending = []
+        self.sending = []  # MLflow's handles of batches still being written in the background
 
     def start(self, config, config_path, run_id=None, parent_run_id=None, extra_tags=None):
         """Create the run (params, tags, resolved YAML) or reopen `run_id` without re-logging params."""
@@ -86,7 +86,7 @@ class Tracker:
 
     def flush(self):
         if self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False)
+            self.sending.append(self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False))
             self.pending = []
 
     def set_tags(self, tags):
@@ -106,5 +106,8 @@ class Tracker:
 
     def end(self, status="FINISHED"):
         self.flush()
-        mlflow.flush_async_logging()
+        for operation in self.sending:  # this client's own batches: all written before the run ends
+            if operation is not None:
+                operation.wait()
+        self.sending = []
         self.client.set_terminated(self.run_id, status=status)

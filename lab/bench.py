@@ -1,0 +1,651 @@
+"""`python -m lab.bench`: one run that measures, side by side on the same machine,
+
+(a) training images/s of the common reference loop and of the trainer's fast path (steady state after
+    warm-up; the warm-up overhead, i.e. compilation on GPU, reported separately) and their ratio,
+(b) peak GPU memory of each path,
+(c) sampling time per 32-image batch and validation accuracy of DDPM (all training steps), DDIM-50,
+    DDIM-100 and DPM-Solver++-20, each with and without classifier-free guidance,
+(d) the share of the fast path's step time spent in MLflow logging,
+
+prints one table per section with the ratios and the issue's targets, and writes every figure to JSON.
+
+    python -m lab.bench experiments/base.yaml --json docs/bench-h100.json      # on a GPU: the config as given
+    python -m lab.bench                                                        # on CPU: a shrunk smoke run
+
+The reference loop is the common baseline the fast path replaces: a torch DataLoader whose Dataset opens
+each PNG with PIL per item and applies torchvision's Resize/ToTensor/Normalize, fp32, eager, plain (not
+fused) Adam and `loss.item()` every step. It trains the same architecture on the same loss
+(`lab.trainer.diffusion_loss`), with the same gradient clipping and EMA as the config, so the ratio
+measures the input pipeline and the execution settings, not dropped work. The fast path is the trainer's
+own `optimizer_step` on the uint8 training set resident on the device, with the optimiser, autocast,
+channels_last, TF32 and torch.compile settings `train()` derives from the config.
+
+On CPU (or with --quick) the config is shrunk the lightning-hydra way, by overrides (`quick_overrides`: a
+tiny UNet at 32x32, 100 training timesteps, batch 8), on a 20-scene synthetic root rendered into a
+temporary folder and a random-init evaluator, with one torch thread, so the run takes about a minute
+on 2 cores (well under the 2 minutes CI allows) and never trains an evaluator. Its figures only show
+that every measurement runs; they say nothing about a GPU. docs/benchmarks.md explains every column.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lab.config import load_config
+from lab.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "base.yaml"
+SAMPLE_BATCH = 32                     # sampling time is reported per batch of this many images
+SAMPLERS = ["ddpm", "ddim-50", "ddim-100", "dpmsolver++-20"]  # "ddpm" = all training timesteps
+GUIDANCE = [1.0, 2.0]                 # 1 = no guidance; > 1 = classifier-free guidance (one doubled batch)
+# Targets from the issue, for base.yaml on one H100.
+TARGET_SPEEDUP, TARGET_LOG_SHARE, TARGET_SAMPLER_SPEEDUP, TARGET_ACC_GAP = 3.0, 1.0, 25.0, 0.01
+
+
+def quick_overrides(root, evaluator, tmp):
+    """The shrunk config for CPU smoke runs, as --set overrides (the user's --set still win)."""
+    return [f"data.root={root}", "data.image_size=32", "model.unet=tiny", "train.batch_size=8",
+            "diffusion.num_train_timesteps=100", f"eval.evaluator={evaluator}",
+            f"tracking_uri=sqlite:///{Path(tmp) / 'mlflow.db'}", f"output_dir={Path(tmp) / 'runs'}"]
+
+
+QUICK_DEFAULTS = {"steps": 10, "warmup": 3, "val_sets": 8, "log_events": 20, "scenes": 20}
+GPU_DEFAULTS = {"steps": 100, "warmup": 10, "val_sets": None, "log_events": 50}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                        help="experiment YAML (default: experiments/base.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted config key (repeatable; applied after the --quick shrink)")
+    parser.add_argument("--steps", type=int, help="timed training steps per path (default: 100 on GPU, "
+                        f"{QUICK_DEFAULTS['steps']} shrunk)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up steps per path, compilation included "
+                        f"(default: 10 on GPU, {QUICK_DEFAULTS['warmup']} shrunk)")
+    parser.add_argument("--checkpoint", help="a best.pt: sample with that trained model (its own config's "
+                        "architecture and schedule) instead of the config's freshly initialised one")
+    parser.add_argument("--json", default="bench.json", help="where to write every figure (default: bench.json)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="shrink the config as on CPU, also on a GPU")
+    parser.add_argument("--workers", type=int, help="DataLoader workers of the reference loop "
+                        "(default: 2 on CPU, min(8, CPU cores) on GPU)")
+    parser.add_argument("--val-sets", type=int, help="validation label sets to sample (default: all; "
+                        f"{QUICK_DEFAULTS['val_sets']} shrunk); times are per {SAMPLE_BATCH} images either way")
+    parser.add_argument("--sample-seeds", type=int, default=1, help="sampling seeds per sampler (accuracy "
+                        "and time are averaged over them)")
+    parser.add_argument("--samplers", nargs="+", default=SAMPLERS, metavar="NAME",
+                        help="ddpm (all training steps), ddim-N, dpmsolver++-N (default: %(default)s)")
+    parser.add_argument("--guidance", nargs="+", type=float, default=GUIDANCE, metavar="SCALE",
+                        help="guidance scales (default: 1 2; 1 = unguided)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads during the run (default: 1 for a shrunk "
+                        "CPU run, whose tiny batches gain little from more and on a busy machine lose a lot to "
+                        "threads waiting on each other; else torch's default)")
+    parser.add_argument("--log-events", type=int, help="MLflow log calls timed (default: 50 on GPU, "
+                        f"{QUICK_DEFAULTS['log_events']} shrunk)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "warmup", "val_sets", "sample_seeds", "log_events", "workers", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name in ("warmup", "workers") else 1):
+            parser.error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('warmup', 'workers') else '>= 1'}")
+    return args
+
+
+def parse_sampler(name):
+    """'ddim-50' -> ('ddim', 50); 'ddpm' -> ('ddpm', None): all training steps ('ddpm-N' must name all of them)."""
+    from lab.schedules import SAMPLERS as KNOWN
+    if name == "ddpm":
+        return name, None
+    kind, _, steps = name.rpartition("-")
+    if kind not in KNOWN or not steps.isdigit() or int(steps) < 1:
+        raise UserError("--samplers", f"'{name}' is not ddpm, ddim-N or dpmsolver++-N")
+    return kind, int(steps)
+
+
+# --- timing helpers -------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def timed_steps(step, warmup, steps, device):
+    """(seconds of the warm-up steps, steady-state seconds per step) of step(i) for i = 0, 1, ..."""
+    sync(device)
+    start = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    warm = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    sync(device)
+    return warm - start, (time.perf_counter() - warm) / steps
+
+
+def training_figures(name, warmup_s, step_s, warmup, images_per_step, device, **extra):
+    return {"path": name, "images_per_s": images_per_step / step_s, "step_ms": step_s * 1e3,
+            "warmup_steps": warmup, "warmup_s": warmup_s,
+            # what the first steps cost beyond steady state: compilation (fast path on GPU), worker start-up
+            "first_steps_overhead_s": max(warmup_s - warmup * step_s, 0.0),
+            "peak_mem_gib": peak_gib(device), **extra}
+
+
+# --- (a) the reference loop -----------------------------------------------------------------------------
+
+class PilImages(torch.utils.data.Dataset):
+    """The common baseline's Dataset: each item opens its PNG with PIL and transforms it with torchvision."""
+
+    def __init__(self, folder, names, labels, size, hflip=False):
+        from torchvision import transforms
+        self.paths = [Path(folder) / name for name in names]
+        self.labels = labels
+        steps = [transforms.Resize((size, size))] + ([transforms.RandomHorizontalFlip()] if hflip else [])
+        self.transform = transforms.Compose([*steps, transforms.ToTensor(),
+                                             transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), self.labels[i]
+
+
+def bench_reference(setup, initial, root, args, steps, warmup):
+    """fp32, eager, PIL per item in a DataLoader, plain Adam, .item() every step."""
+    from diffusers.training_utils import EMAModel
+
+    from lab.trainer import diffusion_loss
+    config, device, tc = setup.config, setup.device, setup.config.train
+    dataset = PilImages(root / config.data.image_dir, setup.data.names, setup.data.labels, config.data.image_size,
+                        config.data.hflip)
+    if len(dataset) < tc.batch_size:
+        raise UserError("train.batch_size", f"{tc.batch_size} is more than the {len(dataset)} training images")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(config.seed))
+    reset_peak(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # plain fp32
+    model = copy.deepcopy(initial).to(device).train()
+    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)  # not fused
+    ema = EMAModel(model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.warmup) if tc.ema.enabled else None
+    generator = torch.Generator(device).manual_seed(config.seed)
+    batches = None
+    losses = []
+
+    def forever():
+        while True:
+            yield from loader
+
+    def step(i):
+        nonlocal batches
+        batches = batches or forever()  # the first step starts the workers: part of its warm-up
+        optimizer.zero_grad()
+        for _ in range(tc.grad_accum):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            per_sample, _ = diffusion_loss(model, setup.noise_scheduler, x, y, generator, config.model.cfg_dropout)
+            loss = per_sample.mean() / tc.grad_accum
+            loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.step(model.parameters())
+        losses.append(loss.item() * tc.grad_accum)  # a typical script reads the loss back every step
+
+    try:
+        warmup_s, step_s = timed_steps(step, warmup, steps, device)
+        figures = training_figures("reference", warmup_s, step_s, warmup, tc.batch_size * tc.grad_accum, device,
+                                   final_loss=losses[-1], loader_workers=args.workers)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if not all(map(math.isfinite, losses)):
+        raise UserError(setup.config_path, "the reference loop's loss became non-finite")
+    return figures  # the model, optimiser and the loader's workers go with this frame
+
+
+# --- (a) the fast path ----------------------------------------------------------------------------------
+
+def fast_objects(setup, total_steps):
+    """The optimisation objects lab.trainer.train() builds: (forward, optimizer, lr_schedule, ema, compiled)."""
+    from lab.trainer import build_optimisation, compiles
+    optimizer, lr_schedule, ema, forward = build_optimisation(setup, total_steps)
+    return forward, optimizer, lr_schedule, ema, compiles(setup.config.train, setup.device)
+
+
+def bench_fast(setup, steps, warmup):
+    """lab.trainer.optimizer_step on the resident uint8 set, sampled and read back as train() does."""
+    from lab.trainer import optimizer_step
+    config, device, tc = setup.config, setup.device, setup.config.train
+    reset_peak(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    setup.model.to(device).train()
+    images = setup.data.images.to(device) if config.data.on_device else setup.data.images
+    labels = setup.data.labels.to(images.device)
+    per_step = tc.batch_size * tc.grad_accum
+    steps_per_epoch = max(len(images) // per_step, 1)
+    forward, optimizer, lr_schedule, ema, compiled = fast_objects(setup, warmup + steps)
+    stats = torch.zeros(3, 4, device=device)
+    gen = torch.Generator(device).manual_seed(config.seed * 100_003 * 1_009)
+    order = None
+    losses = []
+
+    def step(k):
+        nonlocal order
+        i = k % steps_per_epoch
+        if i == 0:  # a new epoch: train()'s seeded shuffle
+            order = torch.randperm(len(images), device=device, generator=torch.Generator(device).manual_seed(
+                config.seed * 100_003 + k // steps_per_epoch)).to(images.device)
+        micro_batches = []
+        for micro in range(tc.grad_accum):
+            idx = order[(i * tc.grad_accum + micro) * tc.batch_size:][:tc.batch_size]
+            micro_batches.append((images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)))
+        optimizer_step(micro_batches, forward=forward, model=setup.model, optimizer=optimizer, lr_schedule=lr_schedule,
+                       ema=ema, setup=setup, generator=gen, stats=stats, step=k + 1)
+        log_now = (k + 1) % tc.log_every == 0
+        if log_now or device.type == "cpu":  # train()'s only host sync
+            loss_sum, count, _ = stats.clone().cpu()
+            losses.append(float(loss_sum.sum() / count.sum()))
+        if log_now:
+            stats.zero_()
+
+    try:
+        warmup_s, step_s = timed_steps(step, warmup, steps, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    loss_sum, count, bad = stats.cpu()
+    final = float(loss_sum.sum() / count.sum()) if count.sum() else (losses[-1] if losses else float("nan"))
+    if bad[0] > 0 or not all(map(math.isfinite, [*losses, final])):
+        raise UserError(setup.config_path, "the fast path's loss became non-finite")
+    figures = training_figures("fast", warmup_s, step_s, warmup, per_step, device, final_loss=final,
+                               compiled=compiled, autocast_bf16=_bf16(setup), resident_on=str(images.device),
+                               channels_last=tc.fast_path and device.type == "cuda",
+                               fused_optimizer=tc.fast_path and device.type == "cuda")
+    if compiled:
+        figures["compile_s"] = figures["first_steps_overhead_s"]
+    setup.model.to("cpu")  # frees the device for sampling; the optimiser state goes with this frame
+    return figures
+
+
+def _bf16(setup):  # as lab.trainer.autocast decides
+    mode = setup.config.train.mixed_precision
+    return mode == "bf16" or (mode == "auto" and setup.device.type == "cuda")
+
+
+# --- (c) sampling ---------------------------------------------------------------------------------------
+
+def sampling_setup(setup, initial, checkpoint):
+    """(setup for lab.trainer.generate, description of the model): a checkpoint's trained model with its own
+    config's schedule and image size, or the config's freshly initialised model."""
+    from lab.schedules import make_noise_scheduler
+    from lab.trainer import load_for_sampling
+    if checkpoint:
+        model, config = load_for_sampling(checkpoint, setup.device)
+        scheduler = make_noise_scheduler(config.diffusion.beta_schedule, config.diffusion.num_train_timesteps,
+                                         config.diffusion.prediction_type)
+        described = f"trained: {checkpoint}"
+    else:
+        model, config, scheduler = copy.deepcopy(initial).to(setup.device).eval(), setup.config, setup.noise_scheduler
+        described = "untrained (freshly initialised; accuracies are chance level)"
+    config = config.model_copy(update={"eval": config.eval.model_copy(update={"eta": 0.0})})  # eta is DDIM-only
+    return dataclasses.replace(setup, config=config, model=model, noise_scheduler=scheduler), described
+
+
+def bench_sampling(ssetup, labels, evaluator, runs, guidances, seeds):
+    from lab.trainer import for_evaluator, generate
+    device, model = ssetup.device, ssetup.model
+    T = ssetup.noise_scheduler.config.num_train_timesteps
+    for g in guidances:  # warm-up (allocator, cuDNN autotuning) for both batch shapes, untimed
+        generate(model, labels[:SAMPLE_BATCH], ssetup, seed=0, sampler="ddim", steps=2, guidance_scale=g,
+                 batch_size=SAMPLE_BATCH)
+    rows = []
+    for g in guidances:
+        for name, (kind, steps) in runs:
+            if kind == "ddpm" and steps not in (None, T):
+                raise UserError("--samplers", f"{name}: ddpm always runs all num_train_timesteps={T} steps")
+            if steps is not None and steps > T:
+                raise UserError("--samplers", f"{name}: more steps than num_train_timesteps={T}")
+            reset_peak(device)
+            seconds, accs = 0.0, []
+            for seed in range(seeds):
+                images = []
+                for c, chunk in enumerate(labels.split(SAMPLE_BATCH)):
+                    sync(device)
+                    start = time.perf_counter()
+                    images.append(generate(model, chunk, ssetup, seed=1_000 * seed + c, sampler=kind, steps=steps,
+                                           guidance_scale=g, batch_size=SAMPLE_BATCH))
+                    sync(device)
+                    seconds += time.perf_counter() - start
+                accs.append(evaluator.accuracy(for_evaluator(torch.cat(images)), labels))
+            label = f"ddpm-{T}" if kind == "ddpm" else name
+            rows.append({"sampler": label, "model_evals_per_image": (steps or T) * (1 if g == 1 else 2),
+                         "guidance": g, "s_per_batch32": seconds / (seeds * len(labels)) * SAMPLE_BATCH,
+                         "val_accuracy": sum(accs) / len(accs), "val_accuracy_per_seed": accs,
+                         "peak_mem_gib": peak_gib(device), "kind": kind})
+    for row in rows:  # ratios to DDPM (all steps) at the same guidance scale
+        ddpm = next((r for r in rows if r["kind"] == "ddpm" and r["guidance"] == row["guidance"]), None)
+        row["speedup_vs_ddpm"] = ddpm["s_per_batch32"] / row["s_per_batch32"] if ddpm else None
+        row["accuracy_minus_ddpm"] = row["val_accuracy"] - ddpm["val_accuracy"] if ddpm else None
+    return rows
+
+
+# --- (d) MLflow logging ---------------------------------------------------------------------------------
+
+def bench_logging(config, config_path, fast_step_s, events):
+    """Time Tracker.log_metrics (+ the flushes it triggers) for train()'s per-log_every metric set against a
+    temporary SQLite store, amortised per training step."""
+    from lab.tracking import Tracker
+    with tempfile.TemporaryDirectory(prefix="ddpm-bench-mlflow-") as tmp:
+        tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        # the run's artifacts (config.yaml) go to the temporary folder, not ./mlruns
+        tracker.client.create_experiment(config.experiment, artifact_location=(Path(tmp) / "artifacts").as_uri())
+        tracker.start(config, config_path)
+        operations, log_batch = [], tracker.client.log_batch
+
+        def keep(*args, **kwargs):  # this tracker's asynchronous batches, to wait for exactly them
+            operations.append(log_batch(*args, **kwargs))
+            return operations[-1]
+        tracker.client.log_batch = keep
+        every = config.train.log_every
+
+        def metrics(k):  # what train() logs every log_every steps (loss_q* for each non-empty quartile)
+            return {"loss": 0.05 + 0.01 / (k + 1), "lr": config.train.lr, "epoch": k // 10,
+                    "images_per_s": 1000.0 + k, **{f"loss_q{q}": 0.02 * q for q in range(1, 5)}}
+        tracker.log_metrics(metrics(0), 0)  # untimed: the background writer's start-up is a one-off
+        tracker.flush()
+        _wait(operations)
+        calls = []
+        loop_start = time.perf_counter()
+        for k in range(events):
+            start = time.perf_counter()
+            tracker.log_metrics(metrics(k), (k + 1) * every)  # flushes itself every 200 queued metrics
+            calls.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tracker.flush()  # train() flushes once at the end: spread over the run
+        calls[-1] += time.perf_counter() - start
+        _wait(operations)  # until the background writer has stored everything
+        with_drain = time.perf_counter() - loop_start
+        tracker.client.set_terminated(tracker.run_id, "FINISHED")
+        history = tracker.client.get_metric_history(tracker.run_id, "loss")
+    if len(history) != events + 1:
+        raise UserError("mlflow", f"{len(history)} of {events + 1} logged loss points reached the store")
+    per_event = sum(calls) / events
+    per_event_drained = with_drain / events
+    return {"metrics_per_event": len(metrics(0)), "metric_names": list(metrics(0)), "events": events,
+            "log_every": every, "batches_sent": len(operations) - 1,
+            "call_ms_per_event": per_event * 1e3, "max_call_ms": max(calls) * 1e3,
+            "with_background_ms_per_event": per_event_drained * 1e3,
+            "ms_per_step": per_event / every * 1e3, "fast_step_ms": fast_step_s * 1e3,
+            "share_pct": 100 * per_event / every / fast_step_s,
+            "share_with_background_pct": 100 * per_event_drained / every / fast_step_s}
+
+
+def _wait(operations):
+    for operation in operations:
+        if operation is not None:  # a synchronous store returns None
+            operation.wait()
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def run(args, argv):
+    from lab.data import resolve_root
+    from lab.trainer import prepare
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device", "cuda requested but no CUDA device is available")
+    shrunk = args.quick or device.type == "cpu"
+    defaults = QUICK_DEFAULTS if shrunk else GPU_DEFAULTS
+    steps, warmup = args.steps or defaults["steps"], defaults["warmup"] if args.warmup is None else args.warmup
+    if args.workers is None:
+        args.workers = 2 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    runs = [(name, parse_sampler(name)) for name in args.samplers]
+    started, cpu_start = time.perf_counter(), os.times()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on this machine
+    threads = args.threads or (1 if shrunk and device.type == "cpu" else torch.get_num_threads())
+    phases, last = {}, [started]
+
+    def phase(name):  # wall seconds per part of the run, for the 2-minute budget of the smoke run
+        now = time.perf_counter()
+        phases[name] = now - last[0]
+        last[0] = now
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+        overrides = []
+        if shrunk:
+            from lab.data.synthetic import write_root
+            from lab.eval import build_resnet, save_checkpoint
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddpm-bench-")))
+            stack.enter_context(env("DDPM_LAB_CACHE", str(tmp / "cache")))  # the decoded set stays in tmp
+            root = write_root(tmp / "root", scenes=defaults["scenes"], seed=1, workers=2, progress=False)
+            torch.manual_seed(0)
+            save_checkpoint(build_resnet(), tmp / "evaluator.pth")  # random init: never trains an evaluator
+            overrides = quick_overrides(root, tmp / "evaluator.pth", tmp)
+        overrides += args.overrides
+        config = load_config(args.config, overrides)
+        machine = device_name(device)
+        print(f"lab.bench: {'shrunk ' if shrunk else ''}{Path(args.config).name} on {machine}", flush=True)
+        setup = prepare(config, args.config, device)
+        root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+        initial = copy.deepcopy(setup.model).cpu()  # both paths and the untrained sampler start from these weights
+        setup.model.cpu()
+        phase("setup")
+
+        print(f"(a) reference loop: {warmup} warm-up + {steps} timed steps", flush=True)
+        reference = bench_reference(setup, initial, root, args, steps, warmup)
+        phase("reference")
+        print(f"(a) fast path: {warmup} warm-up + {steps} timed steps", flush=True)
+        fast = bench_fast(setup, steps, warmup)
+        phase("fast")
+
+        val_sets = args.val_sets or defaults["val_sets"]
+        labels = setup.val_labels[:val_sets] if val_sets else setup.val_labels
+        ssetup, sampled_model = sampling_setup(setup, initial, args.checkpoint)
+        print(f"(c) sampling {len(labels)} validation label sets x {args.sample_seeds} seed(s), "
+              f"{len(runs)} samplers x guidance {args.guidance}", flush=True)
+        sampling = bench_sampling(ssetup, labels, setup.evaluator, runs, args.guidance, args.sample_seeds)
+        phase("sampling")
+        print("(d) MLflow logging", flush=True)
+        logging = bench_logging(config, args.config, fast["step_ms"] / 1e3,
+                                args.log_events or defaults["log_events"])
+        phase("logging")
+    cpu_end = os.times()
+    import diffusers
+    import mlflow
+    return {
+        "meta": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m lab.bench", *map(shlex.quote, argv)]),
+            "device": str(device), "device_name": machine, "torch_threads": threads, "shrunk": shrunk,
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "mlflow": mlflow.__version__,
+            "python": platform.python_version(), "load_average_at_start": load_at_start,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "config_file": str(args.config), "overrides": overrides, "config": config.model_dump(mode="json"),
+            "training_images": len(setup.data.images), "steps": steps, "warmup": warmup,
+            "val_sets": len(labels), "sample_seeds": args.sample_seeds, "sampling_model": sampled_model,
+            "wall_s": time.perf_counter() - started, "phase_s": phases,
+            "cpu_s": (cpu_end.user + cpu_end.system + cpu_end.children_user + cpu_end.children_system)
+                     - (cpu_start.user + cpu_start.system + cpu_start.children_user + cpu_start.children_system),
+        },
+        "training": {"reference": reference, "fast": fast,
+                     "speedup": fast["images_per_s"] / reference["images_per_s"]},
+        "memory": {"reference_gib": reference["peak_mem_gib"], "fast_gib": fast["peak_mem_gib"],
+                   "ratio": (fast["peak_mem_gib"] / reference["peak_mem_gib"]) if device.type == "cuda" else None},
+        "sampling": sampling,
+        "logging": logging,
+        "targets": targets(fast["images_per_s"] / reference["images_per_s"], logging, sampling,
+                           smoke=shrunk or device.type != "cuda"),
+    }
+
+
+def targets(speedup, logging, sampling, smoke):
+    guided = max((r["guidance"] for r in sampling), default=1.0)
+    dpm = next((r for r in sampling if r["sampler"] == "dpmsolver++-20" and r["guidance"] == guided), None)
+    rows = [("fast / reference training images/s", f">= {TARGET_SPEEDUP:g}x", speedup, speedup >= TARGET_SPEEDUP),
+            ("MLflow logging share of step time", f"< {TARGET_LOG_SHARE:g} %", logging["share_pct"],
+             logging["share_pct"] < TARGET_LOG_SHARE)]
+    if dpm is not None and dpm["speedup_vs_ddpm"] is not None:
+        rows += [(f"dpmsolver++-20 (guidance {guided:g}): |accuracy - ddpm|", f"<= {TARGET_ACC_GAP:g}",
+                  abs(dpm["accuracy_minus_ddpm"]), abs(dpm["accuracy_minus_ddpm"]) <= TARGET_ACC_GAP),
+                 (f"dpmsolver++-20 (guidance {guided:g}): ddpm time / its time", f">= {TARGET_SAMPLER_SPEEDUP:g}x",
+                  dpm["speedup_vs_ddpm"], dpm["speedup_vs_ddpm"] >= TARGET_SAMPLER_SPEEDUP)]
+    return [{"target": name, "wanted": wanted, "measured": value, "met": bool(met),
+             "applies": not smoke} for name, wanted, value, met in rows]
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(rows, columns):
+    frame = pd.DataFrame([{title: _fmt(row.get(key)) for key, title in columns} for row in rows])
+    return frame.to_string(index=False)
+
+
+def report(results):
+    """The printed tables, sections (a)-(d) and the targets."""
+    meta, tr, lg, c = results["meta"], results["training"], results["logging"], results["meta"]["config"]
+    paths = [tr["reference"], tr["fast"]]
+    smoke = not all(t["applies"] for t in results["targets"])
+    lines = [f"lab.bench {meta['date']}  {meta['device_name']}  torch {meta['torch']}, diffusers {meta['diffusers']}",
+             f"command: {meta['command']}"]
+    if meta["overrides"]:
+        lines.append("overrides: " + " ".join(meta["overrides"]))
+    if meta["shrunk"]:
+        lines.append("SHRUNK SMOKE RUN: figures show the measurements run, not GPU performance")
+
+    def section(title, table, *notes):
+        lines.extend(["", title, table, *notes])
+
+    section(f"(a) training, steady state: {meta['steps']} timed steps after {meta['warmup']} warm-up steps "
+            f"(UNet {c['model']['unet']}, {c['data']['image_size']}px, batch {c['train']['batch_size']}"
+            f"x{c['train']['grad_accum']}, {meta['training_images']} training images)",
+            _table(paths, [("path", "path"), ("images_per_s", "images/s"), ("step_ms", "ms/step"),
+                           ("warmup_s", "warm-up s"), ("first_steps_overhead_s", "warm-up overhead s"),
+                           ("compile_s", "compile s"), ("final_loss", "loss")]),
+            f"fast / reference: {tr['speedup']:.2f}x images/s")
+    ratio = results["memory"]["ratio"]
+    section("(b) peak GPU memory (torch.cuda.max_memory_allocated, reset per path)",
+            _table(paths, [("path", "path"), ("peak_mem_gib", "GiB")]),
+            *([f"fast / reference: {ratio:.2f}x memory"] if ratio is not None else []))
+    section(f"(c) sampling: {meta['val_sets']} validation label sets x {meta['sample_seeds']} seed(s); "
+            f"model {meta['sampling_model']}",
+            _table(results["sampling"],
+                   [("sampler", "sampler"), ("guidance", "guidance"), ("model_evals_per_image", "UNet evals"),
+                    ("s_per_batch32", f"s / {SAMPLE_BATCH} images"), ("speedup_vs_ddpm", "ddpm time / time"),
+                    ("val_accuracy", "val accuracy"), ("accuracy_minus_ddpm", "acc - ddpm"),
+                    ("peak_mem_gib", "peak GiB")]))
+    section(f"(d) MLflow logging: {lg['metrics_per_event']} metrics every {lg['log_every']} steps "
+            f"({lg['events']} log calls timed, temporary SQLite store)",
+            _table([lg], [("call_ms_per_event", "ms / log call"), ("max_call_ms", "max ms"),
+                          ("with_background_ms_per_event", "incl. background ms"), ("ms_per_step", "ms / step"),
+                          ("fast_step_ms", "fast step ms"), ("share_pct", "share %"),
+                          ("share_with_background_pct", "share incl. background %")]))
+    section("targets (base.yaml on one H100" + ("; NOT applicable to this run)" if smoke else ")"),
+            _table(results["targets"], [("target", "target"), ("wanted", "wanted"), ("measured", "measured"),
+                                        ("met", "met")]),
+            "", f"wall time {meta['wall_s']:.0f} s ("
+            + ", ".join(f"{name} {seconds:.0f}" for name, seconds in meta["phase_s"].items())
+            + f"), CPU time {meta['cpu_s']:.0f} s"
+            + (f", load average {meta['load_average_at_start']:.1f} at the start"
+               if meta.get("load_average_at_start") is not None else ""))
+    return "\n".join(lines)
+
+
+def _finite(value):
+    """JSON has no NaN/inf: they become null (and show up as such)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        results = run(args, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(report(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
