@@ -11,11 +11,14 @@ returns the best one. The study lives in an Optuna storage (`make_storage`): SQL
 default, any RDB URL, or a journal file. Running the same sweep again resumes the study: `n_trials`
 is the number of finished trials (COMPLETE + PRUNED) the study aims for, so only the missing ones run;
 a FAIL trial does not count and is made up for. The study keeps the parent MLflow run id in its user
-attributes, and every trial its MLflow run id and checkpoint, so re-runs and parallel workers share
-one parent run.
+attributes, and every trial its MLflow run id, checkpoint and worker (host:pid), so re-runs and parallel
+workers share one parent run. A worker that picks up a dead worker's trial (heartbeat, RDB storages) re-runs
+it as a new trial and marks the dead attempt's MLflow run FAILED.
 """
 import json
 import math
+import os
+import socket
 import time
 import warnings
 from collections import Counter
@@ -29,6 +32,7 @@ import sqlalchemy.exc
 import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -43,6 +47,7 @@ from lab.tracking import Tracker, check_reachable, resolve_uri
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_SUFFIXES = (".log", ".jsonl")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+PARENT_WAIT_S = 30  # how long a worker waits for the parent run of a new study that another worker created
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count towards n_trials
 PER_TRIAL_KEYS = {"run_name": "set by the sweep for each trial", "seeds": "a sweep trains each trial once"}
 PER_STUDY_KEYS = {"experiment", "tracking_uri", "output_dir"}  # one parent run and folder for the whole study
@@ -290,15 +295,23 @@ def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, 
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several processes (or heartbeats) may write at once
     else:
         engine_kwargs = {"pool_pre_ping": True}  # survive a database server restart between trials
-    try:
-        with warnings.catch_warnings():  # heartbeats and retries have been "experimental" since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(_with_installed_driver(spec), engine_kwargs=engine_kwargs,
-                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry))
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(where, f"cannot open the Optuna storage {display_storage(spec)} ({message})") from None
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # heartbeats and retries have been "experimental" since Optuna 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(_with_installed_driver(spec), engine_kwargs=engine_kwargs,
+                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # workers starting at once on an empty database race to create Optuna's tables (PostgreSQL:
+            # "duplicate key ... pg_type_typname_nsp_index", "relation ... already exists"): the loser retries
+            error = e
+            time.sleep(0.5 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+            error = e
+            break
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise UserError(where, f"cannot open the Optuna storage {display_storage(spec)} ({message})") from None
 
 
 def _with_installed_driver(url):
@@ -341,7 +354,7 @@ def make_pruner(spec):
 
 
 def open_study(sweep):
-    """Create the study, or load it when it exists (re-runs and other workers)."""
+    """Create the study, or load it when it exists (re-runs and other workers): (study, whether this created it)."""
     hb = sweep.spec.heartbeat
     storage = make_storage(sweep.storage, heartbeat_interval=hb.interval, grace_period=hb.grace_period,
                            max_retry=hb.max_retry, where=sweep.storage_where)
@@ -351,9 +364,12 @@ def open_study(sweep):
         raise UserError(sweep.storage_where, f"cannot read the Optuna storage {display_storage(sweep.storage)} "
                                              f"({one_line(e)})") from None
     offset = existing[sweep.study_name].n_trials if sweep.study_name in existing else 0
-    study = optuna.create_study(storage=storage, study_name=sweep.study_name, direction=sweep.spec.direction,
-                                sampler=make_sampler(sweep.spec.sampler, offset), pruner=make_pruner(sweep.spec.pruner),
-                                load_if_exists=True)
+    kwargs = {"storage": storage, "study_name": sweep.study_name, "direction": sweep.spec.direction,
+              "sampler": make_sampler(sweep.spec.sampler, offset), "pruner": make_pruner(sweep.spec.pruner)}
+    try:  # of workers starting at once, exactly one creates the study (the storage's unique study name)
+        study, created = optuna.create_study(**kwargs), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.create_study(**kwargs, load_if_exists=True), False
     if study.direction.name.lower() != sweep.spec.direction:
         raise UserError(sweep.path, f"sweep.direction: study {sweep.study_name!r} in {display_storage(sweep.storage)} "
                                     f"was created to {study.direction.name.lower()}; use another study_name")
@@ -362,14 +378,21 @@ def open_study(sweep):
                        "mlflow_tracking_uri": display_storage(resolve_uri(sweep.config.tracking_uri))}.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
-    return study
+    return study, created
 
 
 # --- MLflow: the parent run -------------------------------------------------------------------------
 
-def parent_run(study, sweep, client):
-    """The study's parent run: the one its user attrs name, else a new one (the first stored id wins)."""
+def parent_run(study, sweep, client, created=True, wait=PARENT_WAIT_S):
+    """The study's parent run: the one its user attrs name, else a new one (the first stored id wins).
+
+    Workers starting at once on a new study: the one that created it creates the parent run, the others
+    wait for its id (setting a user attr is not atomic: two could each store their own)."""
     run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    deadline = time.monotonic() + wait
+    while not (run_id or created or study.get_trials(deepcopy=False)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if run_id:
         try:
             if client.get_run(run_id).info.lifecycle_stage == "active":
@@ -377,9 +400,7 @@ def parent_run(study, sweep, client):
                 return run_id
         except MlflowException:
             pass  # the study outlived its MLflow store: start a new parent run
-    experiment = client.get_experiment_by_name(sweep.config.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(sweep.config.experiment)
-    run = client.create_run(experiment_id, run_name=sweep.study_name, tags={
+    run = client.create_run(experiment_id(client, sweep.config.experiment), run_name=sweep.study_name, tags={
         "optuna_study": sweep.study_name, "optuna_storage": display_storage(sweep.storage),
         "sweep_file": str(sweep.path), "base_config": str(sweep.base), "metric": sweep.spec.metric,
         "direction": sweep.spec.direction})
@@ -391,6 +412,19 @@ def parent_run(study, sweep, client):
         client.delete_run(run.info.run_id)
         client.update_run(stored, status="RUNNING")
     return stored
+
+
+def experiment_id(client, name):
+    """The experiment's id, created when missing; workers starting at once may race to create it."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another worker created it first
 
 
 def finish_parent(study, client, run_id, status="FINISHED"):
@@ -460,32 +494,54 @@ def one_line(error):
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
-def retried_trial_number(trial):
-    """The trial a dead worker left behind that this one re-runs (RetryHeartbeatStaleTrialCallback), or None."""
+def retry_history(trial):
+    """The trials a dead worker left behind that this one re-runs (RetryHeartbeatStaleTrialCallback), oldest
+    first: [] for a first attempt; [0] for the retry of trial 0, [0, 5] for the retry of its retry 5."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                   if t.number == trial.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        return RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+
+
+def fail_dead_attempt(client, trial):
+    """The MLflow run of the trial a dead worker left behind (still RUNNING there): FAILED, naming its retry.
+
+    `trial`, the retry, inherited the dead trial's user attrs: its run id and worker."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return  # the worker died before the run existed
+    reason = f"{dead_worker_reason(trial.user_attrs.get('worker'))}; retried as trial {trial.number}"
+    try:
+        client.log_batch(run_id, tags=[RunTag("optuna_state", "FAIL"), RunTag("optuna_retried_as", str(trial.number)),
+                                       RunTag("failure", reason)])
+        client.set_terminated(run_id, status="FAILED")
+    except MlflowException:
+        pass  # deleted meanwhile: nothing to mark
 
 
 def make_objective(sweep, parent_run_id, device=None, log=print):
     def objective(trial):
         params = {key: suggest(trial, key, param) for key, param in sweep.spec.space.items()}
+        worker = f"{socket.gethostname()}:{os.getpid()}"  # which machine and process runs it (and died, if so)
         tags = {"optuna_study": sweep.study_name, "optuna_trial": str(trial.number),
-                "optuna_params": json.dumps(params), "optuna_storage": display_storage(sweep.storage)}
-        retry_of = retried_trial_number(trial)
-        if retry_of is not None:  # it inherited the dead trial's user attrs: drop what belongs to that attempt
-            tags["optuna_retry_of"] = str(retry_of)
-            for key in ("checkpoint", "failure"):
-                trial.set_user_attr(key, None)
+                "optuna_params": json.dumps(params), "optuna_storage": display_storage(sweep.storage),
+                "optuna_worker": worker}
         tracker = TrialTracker(resolve_uri(sweep.config.tracking_uri), trial)
+        retried = retry_history(trial)
+        if retried:  # it inherited the dead trial's user attrs: close that attempt's run, drop what belongs to it
+            tags["optuna_retry_of"] = str(retried[0])
+            fail_dead_attempt(tracker.client, trial)
+            for key in ("checkpoint", "failure", "mlflow_run_id"):
+                trial.set_user_attr(key, None)
+        trial.set_user_attr("worker", worker)
         config = trial_config(sweep, trial.number, {})  # what the MLflow run describes if the values do not fit
         try:
             config = trial_config(sweep, trial.number, params)
             setup = trainer.prepare(config, sweep.path, device)
 
             def on_validation(step, accuracy):
+                tracker.flush()  # the curve so far on the MLflow run, should this worker die before the end
                 trial.set_user_attr("checkpoint", str((setup.out_dir / "best.pt").resolve()))  # written by now
                 epoch = epoch_of(step, setup)
                 trial.report(accuracy, epoch)
@@ -519,9 +575,9 @@ def run(path, *, n_trials=None, storage=None, overrides=(), device=None, log=pri
     """Run (or resume) a sweep until the study holds `n_trials` finished trials; a summary dict."""
     sweep = load_sweep(path, overrides, n_trials=n_trials, storage=storage)
     check_reachable(resolve_uri(sweep.config.tracking_uri))
-    study = open_study(sweep)
+    study, created = open_study(sweep)
     client = MlflowClient(tracking_uri=resolve_uri(sweep.config.tracking_uri))
-    parent_run_id = parent_run(study, sweep, client)
+    parent_run_id = parent_run(study, sweep, client, created)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     missing = max(sweep.n_trials - done, 0)
     if missing:
@@ -549,9 +605,22 @@ def summarize(study, sweep, parent_run_id, new_trials):
         "best": None if best is None else {
             "number": best.number, "value": best.value, "params": best.params,
             "run_id": best.user_attrs.get("mlflow_run_id"), "checkpoint": best.user_attrs.get("checkpoint")},
-        "failures": {t.number: t.user_attrs.get("failure", "") for t in trials if t.state == TrialState.FAIL},
+        "failures": {t.number: t.user_attrs.get("failure") or dead_worker(t, trials)
+                     for t in trials if t.state == TrialState.FAIL},
         "dashboard": f"optuna-dashboard {display_storage(sweep.storage)} --host 127.0.0.1",
     }
+
+
+def dead_worker_reason(worker):
+    return f"worker {worker or '?'} stopped sending heartbeats"
+
+
+def dead_worker(trial, trials):
+    """Why a FAIL trial without a `failure` attr failed: its worker died, if a retry says so."""
+    retries = [t.number for t in trials if (t.system_attrs.get("retry_history") or [None])[-1] == trial.number]
+    if retries:  # RetryHeartbeatStaleTrialCallback made them: the heartbeat marked this trial FAIL
+        return f"{dead_worker_reason(trial.user_attrs.get('worker'))}; retried as trial {retries[0]}"
+    return f"no reason recorded (worker {trial.user_attrs.get('worker', '?')}; a dead worker after max_retry?)"
 
 
 def print_summary(summary):

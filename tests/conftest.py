@@ -1,4 +1,10 @@
 import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from glob import glob
 from pathlib import Path
 
 import pytest
@@ -59,3 +65,66 @@ def tiny_experiment(tiny_root, tmp_path, monkeypatch):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=evaluator))
     return path
+
+
+# --- a throwaway PostgreSQL server (tests marked `postgres`) ----------------------------------------
+
+def postgres_programs():
+    """initdb and pg_ctl: on PATH, else Debian's /usr/lib/postgresql/<version>/bin (newest first), else None."""
+    folders = sorted(glob("/usr/lib/postgresql/*/bin"), key=lambda f: [int(n) for n in re.findall(r"\d+", f)],
+                     reverse=True)
+    for path in [None] + folders:
+        initdb, pg_ctl = shutil.which("initdb", path=path), shutil.which("pg_ctl", path=path)
+        if initdb and pg_ctl:
+            return initdb, pg_ctl
+    return None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def skip_or_fail(reason):
+    """CI (.ci/run installs PostgreSQL) must run the postgres tests; elsewhere they are skipped."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI=true: .ci/run installs Debian's postgresql package)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server (initdb + pg_ctl on loopback, a free port, user `lab`, trust auth),
+    stopped at the end of the session. Yields the URL of its `postgres` database."""
+    programs = postgres_programs()
+    if not programs:
+        skip_or_fail("PostgreSQL's initdb and pg_ctl are not installed (not on PATH, not in /usr/lib/postgresql)")
+    initdb, pg_ctl = programs
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as postgres (Debian's package makes it)
+        if not shutil.which("runuser"):
+            skip_or_fail("running as root without runuser to start PostgreSQL as another user")
+        has_postgres = subprocess.run(["id", "postgres"], check=False, capture_output=True).returncode == 0
+        as_user = ["runuser", "-u", "postgres" if has_postgres else "nobody", "--"]
+    folder = Path(tempfile.mkdtemp(prefix="ddpm-lab-postgres-"))  # not under pytest's root-only folders
+    if as_user:
+        shutil.chown(folder, as_user[2])
+    port, data = free_port(), str(folder / "data")
+
+    def pg(*args, check=True):  # in `folder`: the server's user may not enter the working directory
+        return subprocess.run(as_user + list(args), cwd=folder, check=check, capture_output=True, text=True)
+    try:
+        pg(initdb, "-D", data, "-A", "trust", "-U", "lab")
+        pg(pg_ctl, "-D", data, "-l", str(folder / "log"), "-w", "start",
+           "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1")
+    except subprocess.CalledProcessError as e:
+        log = (folder / "log").read_text() if (folder / "log").is_file() else ""
+        pg(pg_ctl, "-D", data, "-m", "immediate", "stop", check=False)  # in case it came up after all
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"starting PostgreSQL failed: {e.cmd}: {e.stderr}{e.stdout}{log}")
+    try:
+        yield f"postgresql://lab@127.0.0.1:{port}/postgres"
+    finally:
+        pg(pg_ctl, "-D", data, "-m", "immediate", "stop", check=False)
+        shutil.rmtree(folder, ignore_errors=True)

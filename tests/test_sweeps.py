@@ -2,11 +2,6 @@
 sweep prunes through Optuna's pruner, nests its MLflow runs under one parent and resumes."""
 import io
 import json
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from itertools import count
 from pathlib import Path
@@ -109,36 +104,6 @@ def test_shipped_sweep_files_load(path):
 
 
 # --- storages ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A throwaway PostgreSQL server (initdb + pg_ctl on a free port), stopped at the end of the session."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL's initdb and pg_ctl are not installed")
-    as_user = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        has_user = subprocess.run(["id", "postgres"], check=False, capture_output=True).returncode == 0
-        if not (shutil.which("runuser") and has_user):
-            pytest.skip("running as root without a postgres user to start the server as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    folder = Path(tempfile.mkdtemp(prefix="ddpm-lab-postgres-"))  # not under pytest's root-only folders
-    if as_user:
-        shutil.chown(folder, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = str(folder / "data")
-    subprocess.run(as_user + [initdb, "-D", data, "-A", "trust", "-U", "lab"], check=True, capture_output=True)
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
-    subprocess.run(as_user + [pg_ctl, "-D", data, "-l", str(folder / "log"), "-w", "start", "-o", options],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql://lab@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(as_user + [pg_ctl, "-D", data, "-m", "immediate", "stop"], check=False, capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal_log", "journal_prefix",
                                   pytest.param("postgres", marks=pytest.mark.postgres)])
