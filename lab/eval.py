@@ -165,9 +165,6 @@ def train_evaluator(root, out, epochs=8, batch_size=64, lr=1e-3, seed=0, device=
             flip = torch.rand(len(x), device=device) < 0.5  # labels have no left/right
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             x = x + 0.05 * torch.randn_like(x)  # generated images are noisier than renders
-            blur = torch.rand(len(x), device=device) < 0.25  # and blurrier, e.g. drawn at 32x32 and upsampled
-            x = torch.where(blur[:, None, None, None], F.interpolate(F.interpolate(
-                x, scale_factor=0.5, mode="bilinear", antialias=True), scale_factor=2, mode="bilinear"), x)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):  # 1.4x faster on CPU too
                 logits = body(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device))
