@@ -32,8 +32,8 @@ GROUND_ALBEDO = 0.52
 PENUMBRA = 0.14  # half-width of the shadow's soft edge, in scene units
 MIN_GAP = 0.3  # minimum free distance between object footprints
 PLACEMENT_RANGE = 2.6  # positions are drawn from [-range, range]^2 and kept if fully in view
-MAX_GROUND_DISTANCE = 9.0  # from the camera's foot: far objects would be too small at 64x64
-MIN_VISIBLE_FRACTION = 0.65  # of an object's pixels when alone, in every prefix of a scene
+MAX_GROUND_DISTANCE = 8.0  # from the camera's foot: far objects would be too small at 64x64
+MIN_VISIBLE_FRACTION = 0.85  # of an object's pixels when alone, in every prefix of a scene
 VISIBILITY_RESOLUTION = (160, 120)  # id buffer size for the visibility check while sampling
 for _v in (FILL_DIRECTION, BACK_DIRECTION):
     _v /= np.linalg.norm(_v)

@@ -20,7 +20,7 @@ from lab.data.iclevr import default_cache_dir
 from lab.data.render import COLORS, SHAPES, render_scene, sample_scene
 from lab.errors import UserError
 
-GENERATOR_VERSION = 1  # bump when the renderer or the splits change: cached roots are regenerated
+GENERATOR_VERSION = 2  # bump when the renderer or the splits change: cached roots are regenerated
 LABELS = [f"{color} {shape}" for shape in SHAPES for color in COLORS]  # the course's shape-major order
 SPLIT_SIZES = {  # (singles, doubles, triples), as in the real files
     "test.json": (6, 12, 14),
