@@ -23,7 +23,12 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
 
 
 def resolve_uri(config_uri=None):
-    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The tracking URI, with a relative SQLite path made absolute (MLflow caches stores by URI text,
+    so `sqlite:///mlflow.db` from two working directories would otherwise share one database)."""
+    uri = config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    return uri
 
 
 def check_reachable(uri, where="tracking_uri"):
@@ -104,10 +109,14 @@ class Tracker:
     def log_artifact(self, path, artifact_dir=None):
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
-    def end(self, status="FINISHED"):
+    def sync(self):
+        """Send what is queued and wait until MLflow has written it (before a checkpoint, at the end)."""
         self.flush()
-        for operation in self.sending:  # this client's own batches: all written before the run ends
+        for operation in self.sending:
             if operation is not None:
                 operation.wait()
         self.sending = []
+
+    def end(self, status="FINISHED"):
+        self.sync()
         self.client.set_terminated(self.run_id, status=status)

@@ -407,6 +407,7 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                 if on_validation is not None:
                     on_validation(step, acc)  # may raise Stop (a pruned trial)
             if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
+                tracker.sync()  # metrics up to this step are stored before the state a resume starts from
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
                              "torch_rng": torch.get_rng_state(), "step": step,

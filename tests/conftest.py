@@ -57,7 +57,7 @@ eval:
 @pytest.fixture
 def tiny_experiment(tiny_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     evaluator = tmp_path / "evaluator.pth"
     from lab.eval import build_resnet, save_checkpoint
     torch.manual_seed(0)

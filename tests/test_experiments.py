@@ -43,7 +43,7 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     from run_experiment import main
     assert main([str(tiny_experiment)]) == 0
     printed = capsys.readouterr().out
-    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = MlflowClient()
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert len(runs) == 1
     run = runs[0]

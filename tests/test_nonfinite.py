@@ -18,8 +18,8 @@ def test_nan_loss_stops_at_its_step(tiny_experiment, tmp_path, monkeypatch, caps
     monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
     from run_experiment import main
     assert main([str(tiny_experiment)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "tiny.yaml: loss became nan at step 10" in err and "\n" not in err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "tiny.yaml: loss became nan at step 10" in errors[0]
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "10"
     # 7 steps an epoch: the checkpoint of epoch 1 (step 7) is kept, nothing after it was written

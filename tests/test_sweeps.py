@@ -203,7 +203,7 @@ ACCURACIES = {0: [0.5, 0.6], 1: [0.1, 0.9], 2: [0.7, 0.8], 3: RuntimeError("data
 def tiny_sweep(tiny_root, tmp_path, monkeypatch):
     from lab.eval import build_resnet, save_checkpoint
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     torch.manual_seed(0)
     save_checkpoint(build_resnet(), tmp_path / "evaluator.pth")
     (tmp_path / "tiny.yaml").write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root,
@@ -239,7 +239,7 @@ def test_tiny_sweep_prunes_nests_runs_and_resumes(tiny_sweep, tmp_path, capsys):
     assert study.trials[1].intermediate_values == {1: 0.1}  # pruned at its first validation (epoch 1)
     assert study.best_trial.number == 2 and "best trial 2: val_accuracy 0.8000" in out
 
-    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = MlflowClient()
     parent_id = study.user_attrs[sweeps.PARENT_RUN_ATTR]
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED" and parent_id in out
