@@ -64,10 +64,10 @@ def test_sigkill_then_rerun_gives_bitwise_identical_weights(tiny_root, tmp_path)
                 assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
     assert a["step"] == b["step"]
     # one MLflow run, finished, with its params logged once and its loss steps continuing
-    mlflow.set_tracking_uri(f"sqlite:///{killed.parent / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    client = mlflow.MlflowClient(f"sqlite:///{killed.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert max(steps) == a["step"] and sorted(set(steps)) == sorted(set(range(2, a["step"] + 1, 2)) | {a["step"]})
 
 
