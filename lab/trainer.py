@@ -388,9 +388,9 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
                 if reference_features is None:
                     reference_features = real_features(setup)
                 sampler_model = sampling_state(model, ema)
-                started = time.perf_counter()
+                sampling_started = time.perf_counter()
                 images_val = generate(sampler_model, setup.val_labels, setup, seed=config.seed)
-                sample_s = (time.perf_counter() - started) / len(images_val)
+                sample_s = (time.perf_counter() - sampling_started) / len(images_val)
                 acc = setup.evaluator.accuracy(for_evaluator(images_val), setup.val_labels)
                 fd = frechet_distance(setup.evaluator.features(for_evaluator(images_val)), reference_features)
                 tracker.log_metrics({"val_accuracy": acc, "val_fd": fd, "sample_s_per_image": sample_s}, step)
