@@ -107,3 +107,35 @@ def test_bad_evaluator_checkpoints(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="junk.pth: not a readable evaluator checkpoint"):
         load_evaluator(junk)
+
+
+def test_augment_keeps_colours_and_moves_objects_by_at_most_4_pixels():
+    from lab.eval import augment
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((8, 3, 64, 64), -0.2)
+    x[:, 0, 20:30, 10:20] = 1.0  # a red square left of the centre
+    out = augment(x, gen)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out[:, 1:].mean() + 0.2).abs() < 0.01  # colours untouched: only a little zero-mean noise
+    for image in out:
+        rows, cols = torch.nonzero(image[0] > 0.6, as_tuple=True)
+        row, col = rows.float().mean(), cols.float().mean()
+        assert abs(row - 24.5) <= 4 and min(abs(col - 14.5), abs(col - 48.5)) <= 4  # shifted, maybe mirrored
+    assert augment(x, gen, size=48).shape == (8, 3, 48, 48)  # the early, progressively resized epochs
+
+
+def test_train_evaluator_writes_the_course_format_and_learns(tiny_root, tmp_path, capsys):
+    from lab.eval import main, train_evaluator
+    log = []
+    out = train_evaluator(tiny_root, tmp_path / "ours.pth", epochs=4, batch_size=16, lr=3e-3, log=log.append)
+    assert [line.split(":")[0] for line in log] == [f"evaluator epoch {e}/4" for e in (1, 2, 3, 4)]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in log]
+    assert losses[-1] < losses[0]  # 2 epochs at 48x48, then 2 at 64x64
+    state = torch.load(out, weights_only=True)
+    assert list(state) == ["model"] and state["model"]["fc.0.weight"].shape == (24, 512)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pth"]
+    # the check command renders fresh scenes and prints the figure a user reads
+    assert main(["check", str(out), "--scenes", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy:" in printed and "(12 freshly rendered images)" in printed
+    assert "binding errors of the misses" in printed
