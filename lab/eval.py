@@ -160,7 +160,7 @@ def augment(x, generator, shift=4, size=64):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def train_evaluator(root, out, epochs=8, batch_size=128, lr=2e-3, seed=0, device="cpu", log=print):
+def train_evaluator(root, out, epochs=10, batch_size=128, lr=2e-3, seed=0, device="cpu", log=print):
     """Train the ResNet18 evaluator on a root's training images and save it in the course format.
 
     The first half of the epochs sees 48x48 images, the rest the evaluator's 64x64: on the synthetic
@@ -224,7 +224,7 @@ def default_evaluator_path(root):
     return default_cache_dir() / "evaluator" / f"evaluator-{digest.hexdigest()}.pth"
 
 
-def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=8):
+def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=10):
     """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused."""
     if checkpoint:
         return load_evaluator(checkpoint, device)
@@ -247,7 +247,7 @@ def main(argv=None):
     train = sub.add_parser("train", help="train our evaluator on a root (default: the synthetic set) and check it")
     train.add_argument("--root", default=None, help="data root (default: the synthetic i-CLEVR set)")
     train.add_argument("--out", default=None, help="checkpoint path (default: the cache)")
-    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--epochs", type=int, default=10)
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes")
     check.add_argument("checkpoint")
     check.add_argument("--scenes", type=int, default=300)
