@@ -66,7 +66,7 @@ class EmaConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(100, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # stop early after this many optimizer steps
-    max_minutes: Optional[float] = Field(None, gt=0)  # stop early after this much training time (then evaluate)
+    max_minutes: Optional[float] = Field(None, gt=0)  # wall-clock budget of training and its validations, then score
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0, le=1)
     optimizer: Literal["adam", "adamw"] = "adam"

@@ -70,3 +70,15 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     assert main([str(tiny_experiment)]) == 0
     assert "holds a finished run" in capsys.readouterr().out
     assert len(mlflow.search_runs(experiment_names=["tiny"], output_format="list")) == 1
+
+
+def test_a_time_budget_stops_then_validates_and_scores(tiny_experiment, capsys):
+    """train.max_minutes (the CPU quickstart's budget) ends the run early, like a last step: the
+    validation, the best checkpoint and the test scores still happen."""
+    from run_experiment import main
+    assert main([str(tiny_experiment), "--set", "train.max_minutes=0.0001"]) == 0
+    assert "1 steps; best_val_accuracy" in capsys.readouterr().out
+    run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [1]
+    assert {"test_accuracy", "new_test_accuracy", "best_val_accuracy"} <= set(run.data.metrics)
