@@ -224,14 +224,14 @@ def default_evaluator_path(root):
     return default_cache_dir() / "evaluator" / f"evaluator-{digest.hexdigest()}.pth"
 
 
-def ensure_evaluator(root, checkpoint=None, device="cpu", epochs=10):
+def ensure_evaluator(root, checkpoint=None, device="cpu"):
     """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused."""
     if checkpoint:
         return load_evaluator(checkpoint, device)
     path = default_evaluator_path(root)
     if not path.is_file():
         print(f"Training the evaluator on {root} (once; cached at {path})", flush=True)
-        train_evaluator(root, path, epochs=epochs, device=device)
+        train_evaluator(root, path, device=device)
         result = heldout_check(path, device=device)
         path.with_suffix(".json").write_text(json.dumps(
             {"heldout_accuracy": result["accuracy"], "binding_errors": result["binding_errors"]}))
