@@ -22,16 +22,25 @@ def expected_error(path):
     return first.removeprefix("# error: ")
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two 43 MB evaluator checkpoints, written once and linked into each case's folder."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    save_checkpoint(build_resnet(), folder / "evaluator.pth")
+    save_checkpoint(build_resnet(10), folder / "other_arch.pth")
+    return folder
+
+
 @pytest.fixture
-def workdir(tmp_path, tiny_root, monkeypatch):
+def workdir(tmp_path, tiny_root, checkpoints, monkeypatch):
     """A working directory holding the data and checkpoints the cases point at."""
     shutil.copytree(tiny_root, tmp_path / "tiny")
     shutil.copytree(tiny_root, tmp_path / "bad_labels")
     table = json.loads((tmp_path / "bad_labels" / "train.json").read_text())
     table[list(table)[3]] = ["pink cube"]
     (tmp_path / "bad_labels" / "train.json").write_text(json.dumps(table))
-    save_checkpoint(build_resnet(), tmp_path / "evaluator.pth")
-    save_checkpoint(build_resnet(10), tmp_path / "other_arch.pth")
+    for name in ("evaluator.pth", "other_arch.pth"):
+        (tmp_path / name).symlink_to(checkpoints / name)
     (tmp_path / "runs" / "stale").mkdir(parents=True)
     torch.save({"model": {}, "config": "unet: reference\n"}, tmp_path / "runs" / "stale" / "latest.pt")
     (tmp_path / "runs" / "pickled").mkdir(parents=True)
