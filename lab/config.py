@@ -53,8 +53,11 @@ class DiffusionConfig(Section):
     beta_schedule: str = "cosine"        # lab.schedules.BETA_SCHEDULES
     num_train_timesteps: int = Field(1000, ge=2, le=10000)
     prediction_type: str = "epsilon"     # epsilon | v_prediction
+    loss_weighting: str = "uniform"      # uniform | min_snr (Min-SNR-gamma weighting of the timesteps)
+    snr_gamma: float = Field(5.0, gt=0)  # min_snr's cap
     check_beta_schedule = field_validator("beta_schedule")(_choice("lab.schedules", "BETA_SCHEDULES"))
     check_prediction_type = field_validator("prediction_type")(_choice("lab.schedules", "PREDICTION_TYPES"))
+    check_loss_weighting = field_validator("loss_weighting")(_choice("lab.schedules", "LOSS_WEIGHTINGS"))
 
 
 class EmaConfig(Section):

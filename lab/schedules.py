@@ -10,6 +10,7 @@ trained on any schedule (even "sigmoid", which DDIM and DPM-Solver do not know b
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 
 from lab.errors import UserError
@@ -20,6 +21,7 @@ from lab.model_zoo import guided_prediction
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear",
                   "sigmoid": "sigmoid"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 # name -> (scheduler class, its own kwargs). Betas, num_train_timesteps and prediction_type come from training.
 SAMPLERS = {
@@ -49,6 +51,22 @@ def training_target(scheduler, x0, noise, t):
     """What the model learns to predict: the noise (epsilon) or v = sqrt(a)*noise - sqrt(1-a)*x0."""
     kind = _choose("prediction_type", "prediction type", scheduler.config.prediction_type, PREDICTION_TYPES)
     return noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+
+
+def loss_weights(scheduler, t, weighting: str = "uniform", snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights of the MSE at timesteps t.
+
+    min_snr (Hang et al. 2023, "Min-SNR weighting"): the weight of the equivalent x0 loss is min(SNR, gamma), so
+    the nearly clean timesteps stop dominating the gradient. For an epsilon target that is min(1, gamma/SNR);
+    for v it is min(SNR, gamma)/(SNR + 1).
+    """
+    _choose("loss_weighting", "loss weighting", weighting, LOSS_WEIGHTINGS)
+    if weighting == "uniform":
+        return torch.ones(t.shape, device=t.device)
+    snr = compute_snr(scheduler, t)
+    if scheduler.config.prediction_type == "epsilon":
+        return (snr_gamma / snr).clamp(max=1)  # SNR 0 (pure noise) gives inf, clamped to 1
+    return snr.clamp(max=snr_gamma) / (snr + 1)
 
 
 def make_sampler(sampler: str, train_scheduler, steps: int = 50, device=None):

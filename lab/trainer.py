@@ -29,7 +29,7 @@ from lab.data import load_condition_sets, load_train, normalize, resolve_root, t
 from lab.errors import UserError
 from lab.eval import ensure_evaluator, frechet_distance
 from lab.model_zoo import build_model
-from lab.schedules import denoising_strip, make_noise_scheduler, sample, training_target
+from lab.schedules import denoising_strip, loss_weights, make_noise_scheduler, sample, training_target
 from lab.tracking import Tracker, check_reachable, resolve_uri
 
 STRIP_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
@@ -279,7 +279,9 @@ def optimizer_step(micro_batches, *, forward, model, optimizer, lr_schedule, ema
         with autocast(setup):
             per_sample, t = diffusion_loss(forward, setup.noise_scheduler, x0, labels, generator,
                                            config.model.cfg_dropout)
-        (per_sample.mean() / len(micro_batches)).backward()
+        weights = loss_weights(setup.noise_scheduler, t, config.diffusion.loss_weighting, config.diffusion.snr_gamma)
+        ((per_sample * weights).mean() / len(micro_batches)).backward()
+        # the logged loss stays the unweighted MSE, comparable across weightings
         per_sample = per_sample.detach()
         quartile = (t * 4 // T).clamp(max=3)
         stats[0].index_add_(0, quartile, per_sample)

@@ -61,6 +61,8 @@ def test_deep_merge_and_overrides(tmp_path):
      "model.conditioning: unknown name 'film'; choose one of: time_add, adagn, cross_attn, concat"),
     ("base: base.yaml\neval:\n  sampler: euler\n", [], "child.yaml", "eval.sampler: unknown name 'euler'; choose one of: ddpm"),
     ("base: base.yaml\ndiffusion:\n  beta_schedule: quadratic\n", [], "child.yaml", "choose one of: linear, cosine"),
+    ("base: base.yaml\n", ["diffusion.loss_weighting=p2"], "--set",
+     "diffusion.loss_weighting: unknown name 'p2'; choose one of: uniform, min_snr"),
     ("base: base.yaml\ntrain: [\n", [], "child.yaml", "malformed YAML at line 3"),
     ("base: missing.yaml\n", [], "missing.yaml", "config file not found"),
     ("base: base.yaml\n", ["train.lr"], "--set", "expected key=value"),

@@ -11,6 +11,7 @@ from lab.schedules import (
     PREDICTION_TYPES,
     SAMPLERS,
     denoising_strip,
+    loss_weights,
     make_noise_scheduler,
     make_sampler,
     sample,
@@ -111,6 +112,25 @@ def test_training_target(model):
     assert torch.equal(training_target(eps, x0, noise, t), noise)
     v = make_noise_scheduler(prediction_type="v_prediction")
     assert torch.equal(training_target(v, x0, noise, t), v.get_velocity(x0, noise, t))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma(prediction_type):
+    """Min-SNR's definition: whatever the target, the weighted loss is min(SNR, gamma) * |x0 - x0_hat|^2."""
+    scheduler = make_noise_scheduler("cosine", prediction_type=prediction_type)
+    x0, noise, guess = torch.randn(3, 5, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0, 100, 300, 600, 900])
+    a = scheduler.alphas_cumprod[t].double().sqrt()[:, None, None, None]
+    s = (1 - a**2).sqrt()
+    x_t = a * x0 + s * noise
+    x0_hat = (x_t - s * guess) / a if prediction_type == "epsilon" else a * x_t - s * guess
+    target_error = (guess - training_target(scheduler, x0, noise, t)).square().mean((1, 2, 3))
+    x0_error = (x0 - x0_hat).square().mean((1, 2, 3))
+    snr = (a**2 / s**2).flatten()
+    weighted = loss_weights(scheduler, t, "min_snr", 5.0).double() * target_error
+    torch.testing.assert_close(weighted, snr.clamp(max=5.0) * x0_error, rtol=1e-4, atol=1e-6)
+    assert torch.equal(loss_weights(scheduler, t, "uniform"), torch.ones(5))
+    assert loss_weights(scheduler, torch.tensor([999]), "min_snr").isfinite().all()  # SNR ~ 0 at pure noise
 
 
 def test_unknown_names_list_the_choices(model):
