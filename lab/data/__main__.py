@@ -50,8 +50,10 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     render = sub.add_parser("render", help="render a synthetic i-CLEVR root in the real format")
     render.add_argument("--out", required=True, help="folder to create")
-    render.add_argument("--scenes", type=int, default=6003, help="3 images per scene (default 6003 -> 18,009)")
+    render.add_argument("--scenes", type=int, default=6003, help="one image per object (default 6003 -> 18,009)")
     render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--objects", type=int, default=3, choices=range(1, 6), metavar="1..5",
+                        help="objects per scene; a scene gives one image per prefix (default 3, as i-CLEVR)")
     render.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     render.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the PNGs (the real ones are 320x240)")
     sheet = sub.add_parser("sheet", help="write a contact sheet of a root's training images")
@@ -68,8 +70,8 @@ def main(argv=None):
         width, height = (int(v) for v in args.size.lower().split("x"))
         start = time.time()
         root = write_root(args.out, scenes=args.scenes, seed=args.seed, width=width, height=height,
-                          workers=args.workers)
-        print(f"wrote {3 * args.scenes} images to {root} in {time.time() - start:.1f} s")
+                          workers=args.workers, objects=args.objects)
+        print(f"wrote {args.objects * args.scenes} images to {root} in {time.time() - start:.1f} s")
         print(f"contact sheet: {contact_sheet(root, root / 'contact_sheet.png')}")
     elif args.command == "sheet":
         print(contact_sheet(args.root, args.out or Path(args.root) / "contact_sheet.png", args.count))
