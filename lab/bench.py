@@ -324,7 +324,8 @@ def sampling_setup(setup, initial, checkpoint):
 
 
 def bench_sampling(ssetup, labels, evaluator, runs, guidances, seeds):
-    from lab.trainer import for_evaluator, generate
+    from lab.eval import for_evaluator
+    from lab.trainer import generate
     device, model = ssetup.device, ssetup.model
     T = ssetup.noise_scheduler.config.num_train_timesteps
     for g in guidances:  # warm-up (allocator, cuDNN autotuning) for both batch shapes, untimed

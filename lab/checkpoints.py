@@ -108,3 +108,10 @@ def load_checkpoint(path, what="checkpoint"):
             raise
         print(f"warning: {error}; falling back to {previous_path(path)}", file=sys.stderr)
         return _load_verified(previous_path(path), what)
+
+
+def atomic_write_text(path, text):
+    """A small text file (a JSON note beside a checkpoint) written the same never-half-written way."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(text.encode(), path)

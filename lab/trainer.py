@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
@@ -27,13 +26,12 @@ from lab.checkpoints import load_checkpoint, save_checkpoint
 from lab.config import to_yaml
 from lab.data import load_condition_sets, load_train, normalize, resolve_root, to_uint8
 from lab.errors import UserError
-from lab.eval import ensure_evaluator, frechet_distance
+from lab.eval import ensure_evaluator, for_evaluator, frechet_distance
 from lab.model_zoo import build_model
 from lab.schedules import denoising_strip, loss_weights, make_noise_scheduler, sample, training_target
 from lab.tracking import Tracker, check_reachable, resolve_uri
 
 STRIP_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
-EVALUATOR_SIZE = 64  # the evaluator sees 64x64 images whatever size the model draws
 
 
 class NonFiniteLoss(UserError):
@@ -118,12 +116,6 @@ def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_s
                                  guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
                                  generator=generator, image_size=setup.config.data.image_size).float())
     return torch.cat(images)
-
-
-def for_evaluator(images):
-    if images.shape[-1] != EVALUATOR_SIZE:
-        images = F.interpolate(images, size=EVALUATOR_SIZE, mode="bilinear", antialias=True, align_corners=False)
-    return images.clamp(-1, 1)
 
 
 def grid_image(images, nrow=8):

@@ -59,9 +59,9 @@ def tiny_experiment(tiny_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     evaluator = tmp_path / "evaluator.pth"
-    from lab.eval import build_resnet, save_checkpoint
+    from lab.eval import build_resnet, save_evaluator
     torch.manual_seed(0)
-    save_checkpoint(build_resnet(), evaluator)
+    save_evaluator(build_resnet(), evaluator)
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=evaluator))
     return path

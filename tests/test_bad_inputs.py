@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lab.eval import build_resnet, save_checkpoint
+from lab.eval import build_resnet, save_evaluator
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = sorted(CORPUS.glob("*.yaml"))
@@ -26,8 +26,8 @@ def expected_error(path):
 def checkpoints(tmp_path_factory):
     """Two 43 MB evaluator checkpoints, written once and linked into each case's folder."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    save_checkpoint(build_resnet(), folder / "evaluator.pth")
-    save_checkpoint(build_resnet(10), folder / "other_arch.pth")
+    save_evaluator(build_resnet(), folder / "evaluator.pth")
+    save_evaluator(build_resnet(10), folder / "other_arch.pth")
     return folder
 
 

@@ -183,9 +183,9 @@ def mlflow_server(databases, processes, tmp_path):
 
 @pytest.fixture
 def sweep_file(tiny_root, tmp_path):
-    from lab.eval import build_resnet, save_checkpoint
+    from lab.eval import build_resnet, save_evaluator
     torch.manual_seed(0)
-    save_checkpoint(build_resnet(), tmp_path / "evaluator.pth")  # a random evaluator: accuracies are arbitrary
+    save_evaluator(build_resnet(), tmp_path / "evaluator.pth")  # a random evaluator: accuracies are arbitrary
     (tmp_path / "tiny.yaml").write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root,
                                                     evaluator=tmp_path / "evaluator.pth"))
     path = tmp_path / "sweep.yaml"

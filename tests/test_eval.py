@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lab.eval import (binding_errors, build_resnet, course_accuracy, frechet_distance, load_evaluator,
-                      per_label_report, save_checkpoint)
+                      per_label_report, save_evaluator)
 from lab.errors import UserError
 
 NAMES = ["red cube", "blue cube", "red sphere", "blue sphere"]
@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_in_the_course_format(tmp_path):
     model = build_resnet()
     assert isinstance(model.fc[0], torch.nn.Linear) and isinstance(model.fc[1], torch.nn.Sigmoid)
     path = tmp_path / "checkpoint.pth"
-    save_checkpoint(model, path)
+    save_evaluator(model, path)
     state = torch.load(path, weights_only=True)
     assert list(state) == ["model"] and "fc.0.weight" in state["model"] and state["model"]["fc.0.weight"].shape == (24, 512)
     # the course loads it as `resnet18.load_state_dict(torch.load(path)['model'])`
@@ -110,32 +110,94 @@ def test_bad_evaluator_checkpoints(tmp_path):
 
 
 def test_augment_keeps_colours_and_moves_objects_by_at_most_4_pixels():
-    from lab.eval import augment
+    from lab.evaluator_training import augment
     gen = torch.Generator().manual_seed(0)
     x = torch.full((8, 3, 64, 64), -0.2)
     x[:, 0, 20:30, 10:20] = 1.0  # a red square left of the centre
-    out = augment(x, gen)
+    out = augment(x.clone(), gen)
     assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert (out[:, 1:].mean() + 0.2).abs() < 0.01  # colours untouched: only a little zero-mean noise
     for image in out:
         rows, cols = torch.nonzero(image[0] > 0.6, as_tuple=True)
         row, col = rows.float().mean(), cols.float().mean()
         assert abs(row - 24.5) <= 4 and min(abs(col - 14.5), abs(col - 48.5)) <= 4  # shifted, maybe mirrored
-    assert augment(x, gen, size=48).shape == (8, 3, 48, 48)  # the early, progressively resized epochs
+    assert augment(x.clone(), gen, size=32).shape == (8, 3, 32, 32)  # the cheap low-resolution epochs
+
+
+def test_augment_draws_images_at_low_resolution_like_samples_upsampled_to_64():
+    from lab.eval import for_evaluator
+    from lab.evaluator_training import augment, resize
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 3, 64, 64)
+    x[..., ::2, :] = 0.8  # stripes one pixel wide: gone once drawn at 32x32 or 48x48
+    out = augment(x.clone(), gen, draw_sizes=(64, 48, 32), shift=0)
+    stripes = (out[..., 1:-1:2, :] - out[..., 2::2, :]).abs().mean((1, 2, 3))
+    sharp, blurred = (stripes > 0.5).sum(), (stripes < 0.2).sum()
+    assert sharp + blurred == 64 and 10 < sharp < 40  # about a third kept native, the rest drawn smaller
+    low = augment(x.clone(), torch.Generator().manual_seed(0), draw_sizes=(32,), shift=0)
+    expected = for_evaluator(resize(x, 32))  # exactly what the trainer hands the evaluator for a 32x32 sample
+    assert (low - expected).abs().mean() < 0.05  # only the pixel noise differs
 
 
 def test_train_evaluator_writes_the_course_format_and_learns(tiny_root, tmp_path, capsys):
-    from lab.eval import main, train_evaluator
+    from lab.eval import main
+    from lab.evaluator_training import train_evaluator
     log = []
-    out = train_evaluator(tiny_root, tmp_path / "ours.pth", epochs=4, batch_size=16, lr=3e-3, log=log.append)
-    assert [line.split(":")[0] for line in log] == [f"evaluator epoch {e}/4" for e in (1, 2, 3, 4)]
+    recipe = {"phases": [[32, 2], [64, 2]], "batch_size": 16, "extra_scenes": 0}
+    out = train_evaluator(tiny_root, tmp_path / "ours.pth", recipe=recipe, log=log.append)
+    assert [line.split(":")[0] for line in log] == [f"evaluator epoch {e}/4 at {s}x{s}"
+                                                    for e, s in ((1, 32), (2, 32), (3, 64), (4, 64))]
     losses = [float(line.split("loss ")[1].split()[0]) for line in log]
-    assert losses[-1] < losses[0]  # 2 epochs at 48x48, then 2 at 64x64
+    assert losses[-1] < losses[0]
     state = torch.load(out, weights_only=True)
     assert list(state) == ["model"] and state["model"]["fc.0.weight"].shape == (24, 512)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pth"]
-    # the check command renders fresh scenes and prints the figure a user reads
+    # the check command renders fresh scenes and prints the figures a user reads
     assert main(["check", str(out), "--scenes", "4"]) == 0
     printed = capsys.readouterr().out
-    assert "held-out accuracy:" in printed and "(12 freshly rendered images)" in printed
-    assert "binding errors of the misses" in printed
+    for case in ("1-3 objects, 64x64", "1-3 objects, 32->64", "1-3 objects, 32->64 PIL", "4-5 objects, 64x64",
+                 "4-5 objects, 32->64"):
+        assert f"held-out accuracy {case}: " in printed
+    assert "on 12 fresh images (misses: " in printed and "wrong colour" in printed
+
+
+def test_the_cache_key_changes_with_the_recipe(tiny_root, monkeypatch):
+    from lab import evaluator_training
+    from lab.eval import default_evaluator_path
+    before = default_evaluator_path(tiny_root)
+    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[64, 1]])
+    assert default_evaluator_path(tiny_root) != before
+
+
+def test_bad_phases_fail_in_one_line(capsys):
+    from lab.eval import main
+    assert main(["train", "--phases", "32:x"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --phases: expected SIZE:EPOCHS,... with sizes >= 16 and epochs >= 1, got '32:x'"
+
+
+@pytest.mark.slow
+def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tmp_path):
+    """The recipe on a small synthetic root (scenes of 5 objects, all resolutions), loaded exactly as the
+    course's evaluator class loads checkpoint.pth, scored on fresh scenes at 64x64 and drawn at 32x32
+    then upsampled. The full recipe's figures take too long for CI (README); this floor is far above
+    what a recipe that loses the labels (chance, about 0.1) or the low-resolution images reaches."""
+    import torchvision
+    from torch import nn
+
+    from lab.data.iclevr import load_train, normalize
+    from lab.data.synthetic import write_root
+    from lab.eval import for_evaluator
+    from lab.evaluator_training import train_evaluator
+    root = write_root(tmp_path / "train", scenes=300, seed=5, objects=5, workers=2, progress=False)
+    recipe = {"phases": [[32, 6], [64, 1]], "batch_size": 64, "extra_scenes": 0}
+    path = train_evaluator(root, tmp_path / "checkpoint.pth", recipe=recipe, log=lambda line: None)
+    course = torchvision.models.resnet18(weights=None)  # the course's evaluation_model.__init__
+    course.fc = nn.Sequential(nn.Linear(512, 24), nn.Sigmoid())
+    course.load_state_dict(torch.load(path)["model"])
+    course.eval()
+    fresh = write_root(tmp_path / "fresh", scenes=60, seed=424_242, workers=2, progress=False)
+    native, small = load_train(fresh, cache_dir=tmp_path), load_train(fresh, image_size=32, cache_dir=tmp_path)
+    with torch.no_grad():
+        at_64 = course_accuracy(course(normalize(native.images)), native.labels)
+        at_32 = course_accuracy(course(for_evaluator(normalize(small.images))), native.labels)
+    assert at_64 >= 0.4 and at_32 >= 0.4, (at_64, at_32)

@@ -33,7 +33,7 @@ def run(folder, config, env):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_bitwise_identical_weights(tiny_root, tmp_path):
-    from lab.eval import build_resnet, save_checkpoint as save_evaluator
+    from lab.eval import build_resnet, save_evaluator
     torch.manual_seed(0)
     save_evaluator(build_resnet(), tmp_path / "evaluator.pth")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}

@@ -201,11 +201,11 @@ ACCURACIES = {0: [0.5, 0.6], 1: [0.1, 0.9], 2: [0.7, 0.8], 3: RuntimeError("data
 
 @pytest.fixture
 def tiny_sweep(tiny_root, tmp_path, monkeypatch):
-    from lab.eval import build_resnet, save_checkpoint
+    from lab.eval import build_resnet, save_evaluator
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     torch.manual_seed(0)
-    save_checkpoint(build_resnet(), tmp_path / "evaluator.pth")
+    save_evaluator(build_resnet(), tmp_path / "evaluator.pth")
     (tmp_path / "tiny.yaml").write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root,
                                                     evaluator=tmp_path / "evaluator.pth"))
     prepare = trainer.prepare
