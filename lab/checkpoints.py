@@ -1,8 +1,10 @@
 """Checkpoint files: written atomically with a checksum, loaded with weights_only, bad files named.
 
-`save_checkpoint(state, path)` writes `path` and `path.sha256` (temporary files in the same folder,
-fsync, rename) and keeps the previous good file as `path.prev`; `load_checkpoint(path)` verifies the
-checksum and falls back to `path.prev` when `path` is truncated or corrupted.
+`save_checkpoint(state, path)` writes `path` and `path.sha256` under temporary names, fsyncs them and
+only then renames them into place; the file it replaces, if it verifies, is first linked to `path.prev`.
+So at every moment `path` or `path.prev` holds a whole, verified state, and a damaged file never
+becomes the fallback. `load_checkpoint(path)` verifies the checksum and falls back to `path.prev`
+when `path` is missing, truncated or corrupted.
 """
 import hashlib
 import io
@@ -17,17 +19,28 @@ import torch
 from lab.errors import UserError
 
 
-def _write_atomic(data, path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_temporary(data, path):
+    """`data` in a fsynced temporary file beside `path` (so the final rename is atomic); its path."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a quota, a read-only folder: one line naming the file
+            raise UserError(path, f"could not be written ({e.strerror or e})") from None
         raise
+    return Path(tmp)
+
+
+def write_atomic(data, path):
+    """Write bytes to `path` so that it is never seen half-written, even after a kill."""
+    path = Path(path)
+    os.replace(_write_temporary(data, path), path)
 
 
 def _sync_folder(folder):
@@ -44,7 +57,7 @@ def atomic_save(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    _write_atomic(buffer.getvalue(), path)
+    write_atomic(buffer.getvalue(), path)
 
 
 def checksum_path(path):
@@ -55,18 +68,55 @@ def previous_path(path):
     return Path(f"{path}.prev")
 
 
+def checkpoint_exists(path):
+    """Whether `path` or its fallback is there (a run killed by an older version mid-save has only `.prev`)."""
+    return Path(path).is_file() or previous_path(path).is_file()
+
+
+def _verifies(path):
+    checksum = checksum_path(path)
+    return (path.is_file() and checksum.is_file()
+            and hashlib.sha256(path.read_bytes()).hexdigest() == checksum.read_text().strip())
+
+
+def _keep_as_previous(path):
+    """Make `path.prev` (and its checksum) a second name of the current file: no moment without it."""
+    pairs = [(path, previous_path(path)), (checksum_path(path), checksum_path(previous_path(path)))]
+    for source, target in pairs:  # a kill between the two leaves `.prev` unverifiable, `path` intact
+        link = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(source, link)
+        except OSError:  # a file system without hard links: a copy, written the same careful way
+            link = _write_temporary(source.read_bytes(), target)
+        os.replace(link, target)
+
+
+def _remove_stale_temporaries(path):
+    """Temporary files of writes a kill interrupted (the run folder has one writer: they are not in use)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def save_checkpoint(obj, path):
-    """Atomic write with a sha256 beside it; the file it replaces becomes `path.prev` (the fallback)."""
+    """Replace `path` (and `path.sha256`) atomically; the file it replaces becomes `path.prev` if it verifies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    if path.exists() and checksum_path(path).exists():
-        os.replace(path, previous_path(path))
-        os.replace(checksum_path(path), checksum_path(previous_path(path)))
-    _write_atomic(data, path)
-    _write_atomic(hashlib.sha256(data).hexdigest().encode(), checksum_path(path))
+    new_data = _write_temporary(data, path)
+    try:
+        new_checksum = _write_temporary(hashlib.sha256(data).hexdigest().encode(), checksum_path(path))
+    except BaseException:
+        new_data.unlink(missing_ok=True)
+        raise
+    if _verifies(path):  # a damaged file never becomes the fallback
+        _keep_as_previous(path)
+    # a kill between these two renames leaves a checksum mismatch: the loader then takes `path.prev`
+    os.replace(new_data, path)
+    os.replace(new_checksum, checksum_path(path))
     _sync_folder(path.parent)
 
 
