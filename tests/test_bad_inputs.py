@@ -14,6 +14,7 @@ from lab.eval import build_resnet, save_checkpoint
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = sorted(CORPUS.glob("*.yaml"))
+DRY_RUN_CASES = [case for case in CASES if "# also refused by --dry-run" in case.read_text()]
 
 
 def expected_error(path):
@@ -41,10 +42,17 @@ def workdir(tmp_path, tiny_root, checkpoints, monkeypatch):
     (tmp_path / "bad_labels" / "train.json").write_text(json.dumps(table))
     for name in ("evaluator.pth", "other_arch.pth"):
         (tmp_path / name).symlink_to(checkpoints / name)
+    (tmp_path / "truncated.pth").write_bytes((checkpoints / "evaluator.pth").read_bytes()[:100_000])
     (tmp_path / "runs" / "stale").mkdir(parents=True)
     torch.save({"model": {}, "config": "unet: reference\n"}, tmp_path / "runs" / "stale" / "latest.pt")
     (tmp_path / "runs" / "pickled").mkdir(parents=True)
     torch.save({"model": {}, "payload": Path("x")}, tmp_path / "runs" / "pickled" / "latest.pt")
+    (tmp_path / "runs" / "truncated").mkdir(parents=True)
+    torch.save({"model": {}, "config": "unet: tiny\n"}, tmp_path / "runs" / "truncated" / "latest.pt")
+    with open(tmp_path / "runs" / "truncated" / "latest.pt", "r+b") as f:
+        f.truncate(200)
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "config": "seed: 1\n"}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     return tmp_path
@@ -65,6 +73,16 @@ def test_bad_input_gives_one_line_and_leaves_nothing(case, workdir, capsys):
     assert expected_error(case) in lines[0]
     assert snapshot(workdir) == before, "a bad input wrote or changed files"
     assert not (workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("case", DRY_RUN_CASES, ids=lambda p: p.stem)
+def test_dry_run_refuses_what_a_run_refuses(case, tmp_path, monkeypatch, capsys):
+    from run_experiment import main
+    monkeypatch.chdir(tmp_path)
+    assert main([str(case), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected_error(case) in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_new_user_sees_no_traceback(workdir):
