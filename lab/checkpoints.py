@@ -83,6 +83,8 @@ def _keep_as_previous(path):
     """Make `path.prev` (and its checksum) a second name of the current file: no moment without it."""
     pairs = [(path, previous_path(path)), (checksum_path(path), checksum_path(previous_path(path)))]
     for source, target in pairs:  # a kill between the two leaves `.prev` unverifiable, `path` intact
+        if target.exists() and os.path.samefile(source, target):
+            continue  # linked already by a save killed midway (and rename() would leave the link behind)
         link = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         link.unlink(missing_ok=True)
         try:
