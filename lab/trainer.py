@@ -26,9 +26,9 @@ from tqdm import tqdm
 from lab import parallel, run_folder
 from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from lab.config import to_yaml
-from lab.data import load_condition_sets, load_train, normalize, resolve_root, to_uint8
+from lab.data import is_synthetic, load_condition_sets, load_train, normalize, resolve_root, to_uint8
 from lab.errors import UserError
-from lab.eval import ensure_evaluator, frechet_distance
+from lab.eval import ensure_evaluator, frechet_distance, load_evaluator
 from lab.model_zoo import build_model
 from lab.schedules import denoising_strip, loss_weights, make_noise_scheduler, sample, training_target
 from lab.tracking import Tracker, check_reachable, resolve_uri
@@ -81,14 +81,27 @@ def prepare(config, config_path, device=None):
     return setup
 
 
-def _prepare(config, config_path, device):
-    if parallel.is_main():
-        check_reachable(resolve_uri(config.tracking_uri), "tracking_uri" if config.tracking_uri else "MLFLOW_TRACKING_URI")
-    root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
-    split_files = [config.eval.split, *config.eval.test_splits]
-    for name in split_files:
+def check_inputs(config):
+    """What a run refuses before it loads any data, checked without loading or rendering it (--dry-run runs
+    this too): the tracking store, a data root the config names and its label-set files, a given evaluator."""
+    check_reachable(resolve_uri(config.tracking_uri), "tracking_uri" if config.tracking_uri else "MLFLOW_TRACKING_URI")
+    if not is_synthetic(config.data.root):  # the synthetic default is rendered on first use
+        check_split_files(resolve_root(config.data.root), config)
+    if config.eval.evaluator:
+        load_evaluator(config.eval.evaluator)
+
+
+def check_split_files(root, config):
+    for name in [config.eval.split, *config.eval.test_splits]:
         if not (root / name).is_file():
             raise UserError(root / name, "label-set file not found (eval.split / eval.test_splits)")
+
+
+def _prepare(config, config_path, device):
+    if parallel.is_main():
+        check_inputs(config)
+    root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+    check_split_files(root, config)
     seed_everything(config.seed)
     model = build_model(config.model.unet, config.model.conditioning, image_size=config.data.image_size,
                         **config.model.overrides).to(device)

@@ -76,13 +76,21 @@ def test_bad_input_gives_one_line_and_leaves_nothing(case, workdir, capsys):
 
 
 @pytest.mark.parametrize("case", DRY_RUN_CASES, ids=lambda p: p.stem)
-def test_dry_run_refuses_what_a_run_refuses(case, tmp_path, monkeypatch, capsys):
+def test_dry_run_refuses_what_a_run_refuses_before_loading_data(case, workdir, capsys):
     from run_experiment import main
-    monkeypatch.chdir(tmp_path)
+    before = snapshot(workdir)
     assert main([str(case), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected_error(case) in err
-    assert not any(tmp_path.iterdir())
+    assert snapshot(workdir) == before and not (workdir / "mlflow.db").exists()
+
+
+def test_dry_run_refuses_an_unknown_tracking_scheme_from_the_environment(workdir, monkeypatch, capsys):
+    from run_experiment import main
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    assert main([str(CORPUS / "truncated_checkpoint.yaml"), "--dry-run"]) == 1
+    assert capsys.readouterr().err == "error: MLFLOW_TRACKING_URI: unknown scheme 'foo' in 'foo://bar'; MLflow " \
+        "stores use file, sqlite, postgresql, mysql, mssql, http, https, databricks, databricks-uc, uc or a folder\n"
 
 
 def test_a_new_user_sees_no_traceback(workdir):
