@@ -150,6 +150,28 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
     assert not any(cache.parent.iterdir())
 
 
+@pytest.mark.slow
+def test_a_run_on_a_full_disk_fails_in_one_line_and_resumes_once_there_is_room(tiny_experiment, full_disk, capsys):
+    from mlflow import MlflowClient
+    from run_experiment import main
+    shrink = ["train.max_steps=2", "eval.every_epochs=1", "eval.split=test.json", "eval.test_splits=[test.json]",
+              "eval.final_seeds=1", "eval.guidance_scale=1.0"]
+    args = [str(tiny_experiment), "--set", f"output_dir={full_disk}", *(f"--set={s}" for s in shrink)]
+    assert main(args) == 1
+    err = capsys.readouterr().err  # besides MLflow's log lines when it creates its database
+    assert [line for line in err.splitlines() if line.startswith("error:")] == \
+        [f"error: {full_disk}/tiny/best.pt: could not be written (No space left on device)"]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (full_disk / "tiny").iterdir()) == ["run.json"]  # nothing half-written
+    client = MlflowClient()
+    first, = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert first.info.status == "FAILED"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(full_disk)], check=True)
+    assert main(args) == 0  # the same command, once there is room: the same run, finished
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(first.info.run_id, "FINISHED")]
+
+
 # --- truncated inputs and caches --------------------------------------------------------------------
 
 def test_user_errors_survive_pickling():
