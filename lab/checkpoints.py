@@ -126,9 +126,7 @@ def safe_load(path, what="checkpoint", data=None):
     """torch.load(weights_only=True): a file carrying pickled objects is refused, not executed."""
     path = Path(path).expanduser()
     if data is None:
-        if not path.is_file():
-            raise UserError(path, f"{what} not found")
-        data = path.read_bytes()
+        data = _read(path, what)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -139,10 +137,17 @@ def safe_load(path, what="checkpoint", data=None):
         raise UserError(path, f"not a readable {what} (truncated or corrupted: {type(e).__name__})") from None
 
 
-def _load_verified(path, what):
+def _read(path, what):
     if not path.is_file():
         raise UserError(path, f"{what} not found")
-    data = path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(path, f"{what} could not be read ({e.strerror})") from None
+
+
+def _load_verified(path, what):
+    data = _read(path, what)
     # a file copied without its .sha256 still loads; weights_only loading still rejects a truncated one
     expected = checksum_path(path).read_text().strip() if checksum_path(path).is_file() else None
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:

@@ -180,6 +180,8 @@ def read_yaml(path):
         raise UserError(path, "config file not found")
     try:
         content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(path, f"not a readable YAML text file ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""

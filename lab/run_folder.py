@@ -22,8 +22,11 @@ def exclusive(folder):
     The holder's PID is written by `announce`, once the run is checked: a refused bad input writes nothing."""
     folder = Path(folder)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:  # read-only, a file in the way, a full disk
+        raise UserError(folder, f"cannot open the run folder ({e.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,8 +3,10 @@
 Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
 sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
 """
+import contextlib
 import io
 import os
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -43,9 +45,20 @@ def check_reachable(uri, where="tracking_uri"):
         except (urllib.error.URLError, OSError) as e:
             raise UserError(where, f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)})") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        if not folder.is_dir():
-            raise UserError(where, f"folder {folder} of the SQLite store {uri} does not exist")
+        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        if not path.parent.is_dir():
+            raise UserError(where, f"folder {path.parent} of the SQLite store {uri} does not exist")
+        if path.exists():
+            check_sqlite(path, where)
+
+
+def check_sqlite(path, where):
+    """An existing store must be an SQLite database whose schema can be read (not truncated, not another file)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise UserError(where, f"{path} is not a readable SQLite database ({e})") from None
 
 
 def git_commit(path="."):

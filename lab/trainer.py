@@ -83,12 +83,16 @@ def prepare(config, config_path, device=None):
 
 def check_inputs(config):
     """What a run refuses before it loads any data, checked without loading or rendering it (--dry-run runs
-    this too): the tracking store, a data root the config names and its label-set files, a given evaluator."""
+    this too): the tracking store, a data root the config names and its label-set files, a given evaluator,
+    the run folder."""
     check_reachable(resolve_uri(config.tracking_uri), "tracking_uri" if config.tracking_uri else "MLFLOW_TRACKING_URI")
     if not is_synthetic(config.data.root):  # the synthetic default is rendered on first use
         check_split_files(resolve_root(config.data.root), config)
     if config.eval.evaluator:
         load_evaluator(config.eval.evaluator)
+    for folder in (Path(config.output_dir), Path(config.output_dir) / config.run_name):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(folder, "is not a folder (output_dir / run_name: the run's checkpoints go there)")
 
 
 def check_split_files(root, config):

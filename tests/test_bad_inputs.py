@@ -42,6 +42,7 @@ def workdir(tmp_path, tiny_root, checkpoints, monkeypatch):
     (tmp_path / "bad_labels" / "train.json").write_text(json.dumps(table))
     for name in ("evaluator.pth", "other_arch.pth"):
         (tmp_path / name).symlink_to(checkpoints / name)
+    (tmp_path / "not_a_database.db").write_bytes(bytes(range(256)) * 20)
     (tmp_path / "truncated.pth").write_bytes((checkpoints / "evaluator.pth").read_bytes()[:100_000])
     (tmp_path / "runs" / "stale").mkdir(parents=True)
     torch.save({"model": {}, "config": "unet: reference\n"}, tmp_path / "runs" / "stale" / "latest.pt")

@@ -200,6 +200,14 @@ def test_a_truncated_png_in_a_large_root_is_one_line_from_the_decode_workers(tin
     assert str(error.value).startswith(f"{broken}: image failed to decode")
 
 
+def test_a_binary_config_is_one_line(tmp_path, capsys):
+    from run_experiment import main
+    config = tmp_path / "photo.yaml"
+    config.write_bytes(bytes(range(128, 256)))
+    assert main([str(config)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {config}: not a readable YAML text file (")
+
+
 def test_a_damaged_decoded_cache_is_rebuilt_with_a_notice(tiny_root, tmp_path, capsys):
     images = load_train(tiny_root, 32, cache_dir=tmp_path).images
     cache, = (tmp_path / "decoded").glob("*.pt")

@@ -31,6 +31,8 @@ def read_json(path):
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(path, f"not a readable JSON text file ({getattr(e, 'strerror', None) or e})") from None
 
 
 def objects_path(root):
