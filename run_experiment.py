@@ -1,7 +1,7 @@
 """Run an experiment from YAML: `python run_experiment.py experiments/base.yaml [--set key=value ...]`.
 
---dry-run prints the resolved config and exits. --seeds repeats the experiment over several seeds
-(one MLflow run each, sharing a group tag). A sweep file (a top-level `sweep:` key, experiments/sweeps/)
+--dry-run checks the config and its inputs as a run would (loading no data), prints the resolved config
+and exits. --seeds repeats the experiment over several seeds (one MLflow run each, sharing a group tag). A sweep file (a top-level `sweep:` key, experiments/sweeps/)
 runs or resumes an Optuna study instead (lab/sweeps.py). Errors a user can make end in one line and exit code 1.
 """
 import argparse
@@ -16,7 +16,7 @@ def parse_args(argv=None):
     parser.add_argument("config", help="an experiment YAML (experiments/base.yaml, an ablation, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a dotted key, e.g. --set train.lr=3e-4 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true", help="check the config and its inputs as a run would (loading no data), print it as YAML and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="repeat over these seeds (overrides `seeds:`)")
     parser.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint and start over")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -38,6 +38,8 @@ def main(argv=None):
     config = load_config(args.config, args.overrides)
     seeds = args.seeds or config.seeds
     if args.dry_run:
+        from lab.trainer import check_inputs  # the checks a run makes before loading data, loading none
+        check_inputs(config)
         print(to_yaml(config), end="")
         return 0
     from lab import experiment  # heavy imports (torch, diffusers, mlflow) only when training

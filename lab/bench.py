@@ -473,12 +473,12 @@ def run(args, argv):
         overrides = []
         if shrunk:
             from lab.data.synthetic import write_root
-            from lab.eval import build_resnet, save_checkpoint
+            from lab.eval import build_resnet, save_evaluator
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddpm-bench-")))
             stack.enter_context(env("DDPM_LAB_CACHE", str(tmp / "cache")))  # the decoded set stays in tmp
             root = write_root(tmp / "root", scenes=defaults["scenes"], seed=1, workers=2, progress=False)
             torch.manual_seed(0)
-            save_checkpoint(build_resnet(), tmp / "evaluator.pth")  # random init: never trains an evaluator
+            save_evaluator(build_resnet(), tmp / "evaluator.pth")  # random init: never trains an evaluator
             overrides = quick_overrides(root, tmp / "evaluator.pth", tmp)
         overrides += args.overrides
         config = load_config(args.config, overrides)

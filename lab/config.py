@@ -6,8 +6,9 @@ Nested keys deep-merge, lists are replaced. The merged result is checked against
 an unknown key, a wrong type or an out-of-range value is one line naming the dotted key and the file
 that set it.
 """
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, Optional
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -30,6 +31,41 @@ def _choice(registry_module, registry_name):
     return check
 
 
+def plain_name(name):
+    """A name that becomes one folder (`<output_dir>/<run_name>/`), never a path that leads elsewhere."""
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name):
+        raise ValueError(f"must be a plain name, not a path (got {name!r})")
+    return name
+
+
+def inside_root(path):
+    """A file or folder of the data root: relative and without `..`, so it stays in data.root."""
+    parts = PurePosixPath(path).parts
+    if not parts or PurePosixPath(path).is_absolute() or ".." in parts:
+        raise ValueError(f"must be a path inside data.root, not {path!r}")
+    return path
+
+
+# The schemes of MLflow's tracking stores (mlflow.tracking._tracking_service.utils); '' is a local folder.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                    "databricks-uc", "uc")
+
+
+def tracking_uri_problem(uri):
+    """Why MLflow could not open `uri` as a store, or None: checked before anything starts."""
+    scheme = urlparse(uri).scheme.partition("+")[0]  # postgresql+psycopg2://...: a database and its driver
+    if scheme not in TRACKING_SCHEMES:
+        return f"unknown scheme {scheme!r} in {uri!r}; MLflow stores use {', '.join(filter(None, TRACKING_SCHEMES))} or a folder"
+    return None
+
+
+def _tracking_uri(uri):
+    problem = uri and tracking_uri_problem(uri)
+    if problem:
+        raise ValueError(problem)
+    return uri
+
+
 class DataConfig(Section):
     root: Optional[str] = None           # an i-CLEVR root; null = the synthetic set, rendered once into the cache
     image_size: int = Field(64, ge=8, le=512)
@@ -38,6 +74,7 @@ class DataConfig(Section):
     synthetic_seed: int = 0
     hflip: bool = False                  # random horizontal flips (labels have no left/right)
     on_device: bool = True               # keep the uint8 training set resident on the GPU (augment there)
+    check_image_dir = field_validator("image_dir")(inside_root)
 
 
 class ModelConfig(Section):
@@ -98,6 +135,12 @@ class EvalConfig(Section):
     test_splits: list[str] = ["test.json", "new_test.json"]
     final_seeds: int = Field(1, ge=1)    # sampling seeds for the final test scores (mean ± std)
     check_sampler = field_validator("sampler")(_choice("lab.schedules", "SAMPLERS"))
+    check_split = field_validator("split")(inside_root)
+
+    @field_validator("test_splits")
+    @classmethod
+    def splits_inside_root(cls, names):
+        return [inside_root(name) for name in names]
 
     @field_validator("eta")
     @classmethod
@@ -120,6 +163,15 @@ class ExperimentConfig(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    check_run_name = field_validator("run_name")(plain_name)
+    check_tracking_uri = field_validator("tracking_uri")(_tracking_uri)
+
+
+def cross_checks(config):
+    """(dotted key, problem) for what no single key shows: an image size the UNet cannot halve enough."""
+    from lab.model_zoo import size_problem
+    problem = size_problem(config.model.unet, config.data.image_size, config.model.overrides)
+    return [("data.image_size", problem)] if problem else []
 
 
 def read_yaml(path):
@@ -128,6 +180,8 @@ def read_yaml(path):
         raise UserError(path, "config file not found")
     try:
         content = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(path, f"not a readable YAML text file ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -187,18 +241,25 @@ def nested(keys, value):
 
 def validate(raw, origin, default_source):
     try:
-        return ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         error = e.errors()[0]
         dotted = ".".join(str(part) for part in error["loc"])
-        source = next((origin[k] for k in _prefixes(dotted) if k in origin), default_source)
         if error["type"] == "extra_forbidden":
             message = "unknown key (a typo?)"
         else:
             message = error["msg"].removeprefix("Value error, ")
             if "input" in error and error["type"] not in ("missing", "value_error"):
                 message += f" (got {error['input']!r})"
-        raise UserError(source, f"{dotted}: {message}") from None
+        raise UserError(_source(dotted, origin, default_source), f"{dotted}: {message}") from None
+    for dotted, message in cross_checks(config):
+        raise UserError(_source(dotted, origin, default_source), f"{dotted}: {message}")
+    return config
+
+
+def _source(dotted, origin, default_source):
+    """The file (or --set) that set `dotted` or the section holding it."""
+    return next((origin[k] for k in _prefixes(dotted) if k in origin), default_source)
 
 
 def _prefixes(dotted):

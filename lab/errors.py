@@ -5,8 +5,11 @@ class UserError(Exception):
     """A readable, one-line error naming the file and the key or value at fault."""
 
     def __init__(self, where, message):
-        self.where = str(where)
+        self.where, self.message = str(where), message
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # rebuilt from its two parts: a worker process's error reaches the user unchanged
+        return type(self), (self.where, self.message)
 
 
 def reports_user_errors(main):

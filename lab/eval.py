@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lab.checkpoints import atomic_save, atomic_write_text, safe_load
+from lab.checkpoints import atomic_save, safe_load, write_atomic
 from lab.data.iclevr import default_cache_dir
 from lab.errors import UserError, reports_user_errors
 
@@ -173,9 +173,9 @@ def ensure_evaluator(root, checkpoint=None, device="cpu"):
         train_evaluator(root, path, device=device)
         print(f"evaluator trained in {time.time() - start:.0f} s", flush=True)
         results = heldout_check(path, scenes=300, device=device)
-        atomic_write_text(path.with_suffix(".json"), json.dumps(
-            {case: {"accuracy": r["accuracy"], "images": r["images"], "binding_errors": r["binding_errors"]}
-             for case, r in results.items()}, indent=1))
+        write_atomic(json.dumps({case: {"accuracy": r["accuracy"], "images": r["images"],
+                                        "binding_errors": r["binding_errors"]} for case, r in results.items()},
+                                indent=1).encode(), path.with_suffix(".json"))
         print("\n".join(summary_lines(results)), flush=True)
     return load_evaluator(path, device)
 

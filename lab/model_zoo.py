@@ -187,6 +187,17 @@ def _choose(key, kind, name, registry):
     return registry[name]
 
 
+def size_problem(unet, image_size, overrides=None):
+    """Why the UNet cannot take `image_size` (every level but the last halves it), or None."""
+    try:
+        levels = len({**UNETS[unet], **(overrides or {})}["block_out_channels"])
+    except (KeyError, TypeError):
+        return None  # an unknown variant or malformed overrides: reported where the model is built
+    if image_size % 2 ** (levels - 1):
+        return f"{image_size} is not divisible by {2 ** (levels - 1)} ({levels} UNet levels)"
+    return None
+
+
 def build_model(unet: str = "reference", conditioning: str = "time_add", num_labels: int = 24,
                 image_size: int = 64, **unet_overrides) -> ConditionalUNet:
     """Build UNETS[unet] with CONDITIONING[conditioning]; unet_overrides replace UNet2DModel kwargs of the variant."""
@@ -194,9 +205,9 @@ def build_model(unet: str = "reference", conditioning: str = "time_add", num_lab
     # RGB in and out, spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
     cfg = {"in_channels": 3, "out_channels": 3, **variant, **unet_overrides, "sample_size": image_size}
     style = _choose("conditioning", "conditioning style", conditioning, CONDITIONING)
-    levels = len(cfg["block_out_channels"])
-    if image_size % 2 ** (levels - 1):
-        raise UserError("image_size", f"{image_size} is not divisible by {2 ** (levels - 1)} ({levels} UNet levels)")
+    problem = size_problem(unet, image_size, unet_overrides)
+    if problem:
+        raise UserError("image_size", problem)
     try:
         net = style.build_unet(cfg, num_labels)
     except (TypeError, ValueError) as e:  # diffusers validates the kwargs; report it as the user's config error

@@ -37,10 +37,10 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lab import trainer
-from lab.config import Section, load_config, parse_set, read_yaml
+from lab.config import Section, load_config, parse_set, plain_name, read_yaml
 from lab.errors import UserError
 from lab.tracking import Tracker, check_reachable, resolve_uri
 
@@ -151,6 +151,7 @@ class SweepSpec(Section):
     heartbeat: HeartbeatSpec = HeartbeatSpec()
     space: dict[str, Param] = Field(min_length=1)  # dotted config key -> its search range
     set: dict[str, Any] = {}                 # fixed dotted overrides for every trial
+    check_study_name = field_validator("study_name")(plain_name)  # it names the trials' run folders
 
 
 class SweepFile(Section):

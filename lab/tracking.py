@@ -3,8 +3,10 @@
 Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
 sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
 """
+import contextlib
 import io
 import os
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -13,9 +15,10 @@ import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from lab.config import flatten, to_yaml
+from lab.config import flatten, to_yaml, tracking_uri_problem
 from lab.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -33,15 +36,29 @@ def resolve_uri(config_uri=None):
 
 def check_reachable(uri, where="tracking_uri"):
     """Fail in one line before anything starts, instead of MLflow retrying for minutes."""
+    problem = tracking_uri_problem(uri)  # the config's key is checked with it; MLFLOW_TRACKING_URI only here
+    if problem:
+        raise UserError(where, problem)
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except (urllib.error.URLError, OSError) as e:
             raise UserError(where, f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)})") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        if not folder.is_dir():
-            raise UserError(where, f"folder {folder} of the SQLite store {uri} does not exist")
+        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        if not path.parent.is_dir():
+            raise UserError(where, f"folder {path.parent} of the SQLite store {uri} does not exist")
+        if path.exists():
+            check_sqlite(path, where)
+
+
+def check_sqlite(path, where):
+    """An existing store must be an SQLite database whose schema can be read (not truncated, not another file)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise UserError(where, f"{path} is not a readable SQLite database ({e})") from None
 
 
 def git_commit(path="."):
@@ -62,25 +79,43 @@ class Tracker:
         self.pending = []
         self.sending = []  # MLflow's handles of batches still being written in the background
 
-    def start(self, config, config_path, run_id=None, parent_run_id=None, extra_tags=None):
-        """Create the run (params, tags, resolved YAML) or reopen `run_id` without re-logging params."""
+    def start(self, config, config_path, run_id=None, parent_run_id=None, extra_tags=None, on_created=None):
+        """Create the run (params, tags, resolved YAML) or reopen `run_id`; `on_created(run_id)` is called the
+        moment a new run exists, before anything else, so that it can be recorded for a resume."""
         if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-            return run_id
-        experiment = self.client.get_experiment_by_name(config.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
-        tags = {"mlflow.runName": config.run_name, "config_file": str(config_path), "ablation": config.ablation,
-                "seed": str(config.seed), "git_commit": git_commit(config_path), **(extra_tags or {})}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=config.run_name, tags=tags)
-        self.run_id = run.info.run_id
+            self.run_id = self._reopen(run_id)
+        else:
+            experiment = self.client.get_experiment_by_name(config.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
+            tags = {"mlflow.runName": config.run_name, "config_file": str(config_path), "ablation": config.ablation,
+                    "seed": str(config.seed), "git_commit": git_commit(config_path), **(extra_tags or {})}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            self.run_id = self.client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
+            if on_created:
+                on_created(self.run_id)
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
-        for i in range(0, len(params), 100):  # MLflow's batch limit for params
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
-        self.client.log_text(self.run_id, to_yaml(config), "config.yaml")
+        if len(self.client.get_run(self.run_id).data.params) < len(params):  # new, or killed while logging them
+            for i in range(0, len(params), 100):  # MLflow's batch limit for params
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_text(self.run_id, to_yaml(config), "config.yaml")
         return self.run_id
+
+    def _reopen(self, run_id):
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as e:
+            raise UserError(self.uri, f"cannot reopen MLflow run {run_id} of this run folder "
+                                      f"({str(e).splitlines()[0]}); pass --fresh to start a new run") from None
+        return run_id
+
+    def ensure_finished(self, run_id):
+        """Mark a run FINISHED whose process died after its final checkpoint, before MLflow heard of the end."""
+        try:
+            if self.client.get_run(run_id).info.status != "FINISHED":
+                self.client.set_terminated(run_id, status="FINISHED")
+        except MlflowException:
+            pass  # not in this store (another tracking URI): nothing to mark
 
     def log_metrics(self, metrics, step):
         """Queue metrics; they are sent in one batch, asynchronously, so training never waits."""

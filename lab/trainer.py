@@ -6,6 +6,7 @@ accumulation and clipping, LR warm-up and decay, periodic validation on `eval.sp
 weights, atomic `latest.pt` (resume state) and `best.pt` (EMA weights for sampling) checkpoints,
 and a final score of the best checkpoint on the test splits.
 """
+import contextlib
 import copy
 import math
 import random
@@ -21,12 +22,12 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from lab import parallel
-from lab.checkpoints import load_checkpoint, save_checkpoint
+from lab import parallel, run_folder
+from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from lab.config import to_yaml
-from lab.data import load_condition_sets, load_train, normalize, resolve_root, to_uint8
+from lab.data import is_synthetic, load_condition_sets, load_train, normalize, resolve_root, to_uint8
 from lab.errors import UserError
-from lab.eval import ensure_evaluator, for_evaluator, frechet_distance
+from lab.eval import ensure_evaluator, for_evaluator, frechet_distance, load_evaluator
 from lab.model_zoo import build_model
 from lab.schedules import denoising_strip, loss_weights, make_noise_scheduler, sample, training_target
 from lab.tracking import Tracker, check_reachable, resolve_uri
@@ -78,14 +79,31 @@ def prepare(config, config_path, device=None):
     return setup
 
 
-def _prepare(config, config_path, device):
-    if parallel.is_main():
-        check_reachable(resolve_uri(config.tracking_uri))
-    root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
-    split_files = [config.eval.split, *config.eval.test_splits]
-    for name in split_files:
+def check_inputs(config):
+    """What a run refuses before it loads any data, checked without loading or rendering it (--dry-run runs
+    this too): the tracking store, a data root the config names and its label-set files, a given evaluator,
+    the run folder."""
+    check_reachable(resolve_uri(config.tracking_uri), "tracking_uri" if config.tracking_uri else "MLFLOW_TRACKING_URI")
+    if not is_synthetic(config.data.root):  # the synthetic default is rendered on first use
+        check_split_files(resolve_root(config.data.root), config)
+    if config.eval.evaluator:
+        load_evaluator(config.eval.evaluator)
+    for folder in (Path(config.output_dir), Path(config.output_dir) / config.run_name):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(folder, "is not a folder (output_dir / run_name: the run's checkpoints go there)")
+
+
+def check_split_files(root, config):
+    for name in [config.eval.split, *config.eval.test_splits]:
         if not (root / name).is_file():
             raise UserError(root / name, "label-set file not found (eval.split / eval.test_splits)")
+
+
+def _prepare(config, config_path, device):
+    if parallel.is_main():
+        check_inputs(config)
+    root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+    check_split_files(root, config)
     seed_everything(config.seed)
     model = build_model(config.model.unet, config.model.conditioning, image_size=config.data.image_size,
                         **config.model.overrides).to(device)
@@ -288,30 +306,41 @@ def optimizer_step(micro_batches, *, forward, model, optimizer, lr_schedule, ema
         ema.step(model.parameters())
 
 
-def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
-    """Train one experiment, resuming from `out_dir/latest.pt` when a previous attempt was cut short."""
+def train(setup, **options):
+    """Train one experiment (options: see `_train`); the main process holds the run folder throughout, so a
+    second process on it is refused before it writes anything."""
+    with run_folder.exclusive(setup.out_dir) if parallel.is_main() else contextlib.nullcontext():
+        return _train(setup, **options)
+
+
+def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
+    """Train one experiment, resuming from `out_dir/latest.pt` (or `run.json` when killed before the first
+    checkpoint) into the same MLflow run when a previous attempt was cut short."""
     config, device, model = setup.config, setup.device, setup.model
     tc = config.train
     out = setup.out_dir
     latest, best_path = out / "latest.pt", out / "best.pt"
-    if fresh:  # start over: the old run's checkpoints must not leak into this one
-        for old in out.glob("*.pt*"):
-            old.unlink()
-    resume = None if fresh else load_resume_state(latest, config)
+    main = parallel.is_main()
+    if fresh:  # start over: the old run's checkpoints and MLflow run must not leak into this one
+        for old in [*out.glob("*.pt*"), *out.glob(".*.tmp"), run_folder.record_path(out)]:
+            old.unlink(missing_ok=True)
+    resume, run_id = (None, None) if fresh else load_previous(out, config)
+    tracker = tracker or (Tracker(resolve_uri(config.tracking_uri)) if main else NoTracker())
     if resume and resume.get("finished"):
-        log(f"{out} holds a finished run (MLflow run {resume['run_id']}); pass --fresh to train again")
+        tracker.ensure_finished(run_id)  # killed after the final checkpoint, before MLflow heard of the end
+        log(f"{out} holds a finished run (MLflow run {run_id}); pass --fresh to train again")
         return resume["summary"]
 
     # --- optimisation objects ---------------------------------------------------------------------
     images = setup.data.images.to(device) if config.data.on_device else setup.data.images
     labels = setup.data.labels.to(images.device)
-    world, main = parallel.world_size(), parallel.is_main()
+    world = parallel.world_size()
     per_step = tc.batch_size * tc.grad_accum * world  # images per optimizer step, all processes together
     steps_per_epoch = max(len(images) // per_step, 1)
     total_steps = min(tc.epochs * steps_per_epoch, tc.max_steps or math.inf)
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer, lr_schedule, ema, forward = build_optimisation(setup, total_steps)
-    step, start_epoch, best_acc, run_id = 0, 0, -1.0, None
+    step, start_epoch, best_acc = 0, 0, -1.0
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -319,17 +348,21 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         if ema is not None:
             ema.load_state_dict(resume["ema"])
         torch.set_rng_state(resume["torch_rng"])
-        step, start_epoch, best_acc, run_id = resume["step"], resume["epoch"], resume["best_acc"], resume["run_id"]
-        if best_path.exists():  # killed after a new best but before latest.pt: never replace it by a worse one
+        step, start_epoch, best_acc = resume["step"], resume["epoch"], resume["best_acc"]
+        if checkpoint_exists(best_path):  # killed after a new best but before latest.pt: never replace it by a worse one
             best_acc = max(best_acc, load_checkpoint(best_path)["val_accuracy"])
         log(f"resuming {out} at epoch {start_epoch}, step {step} (MLflow run {run_id})")
+    elif run_id:
+        log(f"resuming {out} from the start, killed before its first checkpoint (MLflow run {run_id})")
 
-    tracker = tracker or (Tracker(resolve_uri(config.tracking_uri)) if main else NoTracker())
-    run_id = tracker.start(config, setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
-                           extra_tags=extra_tags)
+    if main:
+        run_folder.announce(out)
     reference_features = None
     status = "FAILED"
     try:
+        run_id = tracker.start(config, setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
+                               extra_tags=extra_tags,
+                               on_created=lambda new_id: run_folder.write_record(out, new_id, to_yaml(config)))
         bar = tqdm(total=total_steps, initial=step, desc=config.run_name, mininterval=1, disable=None)
         # rows: loss sum and sample count per timestep quartile, first non-finite step (column 0)
         stats = torch.zeros(3, 4, device=device)
@@ -416,6 +449,7 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
             return {"run_id": None, "steps": step}
         tracker.flush()
         summary = finish(setup, tracker, best_path, best_acc, step)
+        tracker.sync()  # every score is stored before the checkpoint says the run is finished
         save_checkpoint({**load_checkpoint(latest), "finished": True, "summary": summary}, latest)
         status = "FINISHED"
         return summary
@@ -429,7 +463,8 @@ def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valida
         status = "KILLED"
         raise
     finally:
-        tracker.end(status)
+        if tracker.run_id:  # never leave a run RUNNING; a rerun reopens it and resumes
+            tracker.end(status)
 
 
 class NoTracker:
@@ -454,12 +489,23 @@ def finish(setup, tracker, best_path, best_acc, step):
     return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path)}
 
 
+DIFFERENT_CONFIG = "belongs to a run with a different config; pass --fresh to start over, or set another run_name/output_dir"
+
+
+def load_previous(out, config):
+    """(resume state, MLflow run id) of an interrupted run of the same config in `out`; (None, None) if none."""
+    record = run_folder.read_record(out)
+    if record and record["config"] != to_yaml(config):
+        raise UserError(run_folder.record_path(out), DIFFERENT_CONFIG)
+    resume = load_resume_state(out / "latest.pt", config)
+    return resume, resume["run_id"] if resume else record and record["run_id"]
+
+
 def load_resume_state(path, config):
     """The resume state of an interrupted run of the same config, or None for a fresh start."""
-    if not path.exists():
+    if not checkpoint_exists(path):
         return None
     state = load_checkpoint(path, "resume checkpoint")
     if state.get("config") != to_yaml(config):
-        raise UserError(path, "belongs to a run with a different config; pass --fresh to start over, "
-                              "or set another run_name/output_dir")
+        raise UserError(path, DIFFERENT_CONFIG)
     return state

@@ -15,6 +15,15 @@ EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 SHARED_ICLEVR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "iclevr")
 
 
+def fault_rng():
+    """A seeded random.Random for fault timing; the seed is printed (shown when a test fails) and
+    DDPM_LAB_FAULT_SEED=<seed> replays it."""
+    import random
+    seed = int(os.environ.get("DDPM_LAB_FAULT_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"fault seed: {seed} (replay with DDPM_LAB_FAULT_SEED={seed})")
+    return random.Random(seed)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets the session's private cache folder, never the user's ~/.cache."""

@@ -14,6 +14,7 @@ from lab.eval import build_resnet, save_evaluator
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = sorted(CORPUS.glob("*.yaml"))
+DRY_RUN_CASES = [case for case in CASES if "# also refused by --dry-run" in case.read_text()]
 
 
 def expected_error(path):
@@ -41,10 +42,18 @@ def workdir(tmp_path, tiny_root, checkpoints, monkeypatch):
     (tmp_path / "bad_labels" / "train.json").write_text(json.dumps(table))
     for name in ("evaluator.pth", "other_arch.pth"):
         (tmp_path / name).symlink_to(checkpoints / name)
+    (tmp_path / "not_a_database.db").write_bytes(bytes(range(256)) * 20)
+    (tmp_path / "truncated.pth").write_bytes((checkpoints / "evaluator.pth").read_bytes()[:100_000])
     (tmp_path / "runs" / "stale").mkdir(parents=True)
     torch.save({"model": {}, "config": "unet: reference\n"}, tmp_path / "runs" / "stale" / "latest.pt")
     (tmp_path / "runs" / "pickled").mkdir(parents=True)
     torch.save({"model": {}, "payload": Path("x")}, tmp_path / "runs" / "pickled" / "latest.pt")
+    (tmp_path / "runs" / "truncated").mkdir(parents=True)
+    torch.save({"model": {}, "config": "unet: tiny\n"}, tmp_path / "runs" / "truncated" / "latest.pt")
+    with open(tmp_path / "runs" / "truncated" / "latest.pt", "r+b") as f:
+        f.truncate(200)
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "config": "seed: 1\n"}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     return tmp_path
@@ -65,6 +74,24 @@ def test_bad_input_gives_one_line_and_leaves_nothing(case, workdir, capsys):
     assert expected_error(case) in lines[0]
     assert snapshot(workdir) == before, "a bad input wrote or changed files"
     assert not (workdir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("case", DRY_RUN_CASES, ids=lambda p: p.stem)
+def test_dry_run_refuses_what_a_run_refuses_before_loading_data(case, workdir, capsys):
+    from run_experiment import main
+    before = snapshot(workdir)
+    assert main([str(case), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected_error(case) in err
+    assert snapshot(workdir) == before and not (workdir / "mlflow.db").exists()
+
+
+def test_dry_run_refuses_an_unknown_tracking_scheme_from_the_environment(workdir, monkeypatch, capsys):
+    from run_experiment import main
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    assert main([str(CORPUS / "truncated_checkpoint.yaml"), "--dry-run"]) == 1
+    assert capsys.readouterr().err == "error: MLFLOW_TRACKING_URI: unknown scheme 'foo' in 'foo://bar'; MLflow " \
+        "stores use file, sqlite, postgresql, mysql, mssql, http, https, databricks, databricks-uc, uc or a folder\n"
 
 
 def test_a_new_user_sees_no_traceback(workdir):

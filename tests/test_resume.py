@@ -1,4 +1,5 @@
-"""Resume after SIGKILL: same MLflow run, bitwise-identical weights; damaged checkpoints fall back."""
+"""Resume after SIGKILL at several moments: same MLflow run, bitwise-identical weights; damaged checkpoints
+fall back; a second process on a run folder is refused."""
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import torch
 
 from lab.checkpoints import checksum_path, load_checkpoint, previous_path, save_checkpoint
 from lab.errors import UserError
-from tests.test_experiments import EXPERIMENTS, TINY
+from tests.conftest import EXPERIMENTS, TINY, fault_rng
 
 ROOT = Path(__file__).parent.parent
 RESUMABLE = TINY.replace("epochs: 3", "epochs: 6\n  checkpoint_every: 1").replace("every_epochs: 2", "every_epochs: 3")
@@ -31,8 +32,17 @@ def run(folder, config, env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_for(path, process):
+    while not path.exists() and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended before {path.name} appeared"
+
+
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_bitwise_identical_weights(tiny_root, tmp_path):
+def test_sigkills_then_rerun_give_bitwise_identical_weights_and_one_run(tiny_root, tmp_path):
+    """Killed before its first checkpoint (while a second process on its folder is refused), then at a
+    seeded random moment after it (mid-step, mid-validation, mid-save or during the final scores)."""
+    rng = fault_rng()
     from lab.eval import build_resnet, save_evaluator
     torch.manual_seed(0)
     save_evaluator(build_resnet(), tmp_path / "evaluator.pth")
@@ -40,15 +50,28 @@ def test_sigkill_then_rerun_gives_bitwise_identical_weights(tiny_root, tmp_path)
     straight = write_config(tmp_path / "straight", tiny_root, tmp_path / "evaluator.pth")
     killed = write_config(tmp_path / "killed", tiny_root, tmp_path / "evaluator.pth")
     reference = run(straight.parent, straight, env)
+    folder = killed.parent / "runs" / "tiny"
+    latest = folder / "latest.pt"
 
-    victim = run(killed.parent, killed, env)
-    latest = killed.parent / "runs" / "tiny" / "latest.pt"
-    while not latest.exists() and victim.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random().uniform(0, 2.0))  # any moment: mid-step, mid-evaluation, mid-save
-    assert victim.poll() is None, "the run finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    first = run(killed.parent, killed, env)
+    wait_for(folder / "run.json", first)  # the MLflow run exists; no checkpoint yet
+    first.send_signal(signal.SIGSTOP)  # holding the folder while a second process tries it
+    intruder = run(killed.parent, killed, env)
+    out, _ = intruder.communicate(timeout=300)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert intruder.returncode == 1 and "Traceback" not in out, out
+    assert errors == [f"error: runs/tiny: another process (PID {first.pid}) is writing into this run folder; "
+                      "wait for it to end, or set another run_name"], out
+    assert not latest.exists()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    second = run(killed.parent, killed, env)  # resumes from the start into the same run, takes the dead lock
+    wait_for(latest, second)
+    time.sleep(rng.uniform(0, 2.0))  # any moment: mid-step, mid-evaluation, mid-save, final scoring
+    assert second.poll() is None, "the run finished before it could be killed"
+    second.send_signal(signal.SIGKILL)
+    second.wait()
     resumed = run(killed.parent, killed, env)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
@@ -69,6 +92,7 @@ def test_sigkill_then_rerun_gives_bitwise_identical_weights(tiny_root, tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert max(steps) == a["step"] and sorted(set(steps)) == sorted(set(range(2, a["step"] + 1, 2)) | {a["step"]})
+    assert not (folder / "lock").exists() and not list(folder.glob(".*.tmp"))
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):

@@ -3,7 +3,12 @@ from lab.data.iclevr import (TrainingSet, load_condition_sets, load_objects, loa
                              to_uint8)
 
 __all__ = ["TrainingSet", "load_condition_sets", "load_objects", "load_train", "normalize", "to_uint8",
-           "resolve_root"]
+           "is_synthetic", "resolve_root"]
+
+
+def is_synthetic(root):
+    """Whether a `data.root` value means the embedded synthetic set."""
+    return root in (None, "", "synthetic")
 
 
 def resolve_root(root=None, synthetic_seed=0, synthetic_scenes=6003):
@@ -12,7 +17,7 @@ def resolve_root(root=None, synthetic_seed=0, synthetic_scenes=6003):
 
     from lab.data.synthetic import default_root
     from lab.errors import UserError
-    if root in (None, "", "synthetic"):
+    if is_synthetic(root):
         return default_root(seed=synthetic_seed, scenes=synthetic_scenes)
     root = Path(root).expanduser()
     if not root.is_dir():

@@ -8,6 +8,7 @@ the whole training set in seconds and can keep it resident on the GPU.
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lab.checkpoints import atomic_save
 from lab.errors import UserError
 
 CACHE_VERSION = 1  # bump when the decoding below changes
@@ -29,6 +31,8 @@ def read_json(path):
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(path, f"not a readable JSON text file ({getattr(e, 'strerror', None) or e})") from None
 
 
 def objects_path(root):
@@ -150,9 +154,8 @@ def load_train(root, image_size=64, image_dir="iclevr", cache_dir=None, workers=
 
     key = content_key([train_path, objects_path(root), *paths], (CACHE_VERSION, image_size))
     cache = Path(cache_dir or default_cache_dir()) / "decoded" / f"{key}.pt"
-    if cache.is_file():
-        images = torch.load(cache, weights_only=True)
-    else:
+    images = _load_cache(cache, (len(paths), 3, image_size, image_size))
+    if images is None:
         workers = workers or min(os.cpu_count() or 1, 8)
         chunks = [(paths[i:i + 256], image_size) for i in range(0, len(paths), 256)]
         if workers > 1 and len(chunks) > 1:
@@ -161,8 +164,19 @@ def load_train(root, image_size=64, image_dir="iclevr", cache_dir=None, workers=
         else:
             arrays = [_decode_chunk(c) for c in chunks]
         images = torch.from_numpy(np.concatenate(arrays))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(images, tmp)
-        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+        atomic_save(images, cache)  # a killed run never leaves a half-written cache; a full disk is one line
     return TrainingSet(images, labels, names, label_names)
+
+
+def _load_cache(path, shape):
+    """The decoded images cached at `path`, or None when there are none or they are damaged (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        images = torch.load(path, weights_only=True)
+        if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == shape:
+            return images
+    except Exception:  # truncated or corrupted: torch raises several types
+        pass
+    print(f"notice: {path}: damaged decoded-image cache; decoding the images again", file=sys.stderr)
+    return None

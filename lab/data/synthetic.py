@@ -93,12 +93,31 @@ def _render_scene_files(args):
         Image.fromarray(image).save(folder / f"{name}_{k}.png", compress_level=1)
 
 
+def _remove_dead_partials(out):
+    """Folders of renders into `out` that were killed midway (their process is gone): never finished, never used."""
+    for partial in out.parent.glob(f"{out.name}.partial*"):
+        pid = partial.name.rpartition(".partial")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def write_root(out, scenes=6003, seed=0, width=320, height=240, workers=None, progress=True, objects=3):
     """Render a complete root of `scenes` scenes of `objects` objects into `out` (written beside it
     first, then renamed into place)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(out, "already exists and is not empty; choose another --out or remove it")
+    _remove_dead_partials(out)
     partial = out.with_name(out.name + f".partial{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "iclevr").mkdir(parents=True)
