@@ -166,17 +166,21 @@ def ensure_evaluator(root, checkpoint=None, device="cpu"):
     if checkpoint:
         return load_evaluator(checkpoint, device)
     path = default_evaluator_path(root)
-    if not path.is_file():
-        from lab.evaluator_training import heldout_check, summary_lines, train_evaluator
-        print(f"Training the evaluator on {root} (once; cached at {path})", flush=True)
-        start = time.time()
-        train_evaluator(root, path, device=device)
-        print(f"evaluator trained in {time.time() - start:.0f} s", flush=True)
-        results = heldout_check(path, scenes=300, device=device)
-        write_atomic(json.dumps({case: {"accuracy": r["accuracy"], "images": r["images"],
-                                        "binding_errors": r["binding_errors"]} for case, r in results.items()},
-                                indent=1).encode(), path.with_suffix(".json"))
-        print("\n".join(summary_lines(results)), flush=True)
+    if path.is_file():
+        try:
+            return load_evaluator(path, device)
+        except UserError as e:  # a cache damaged by a crash or a full disk: train it again
+            print(f"notice: {e}; training it again", file=sys.stderr, flush=True)
+    from lab.evaluator_training import heldout_check, summary_lines, train_evaluator
+    print(f"Training the evaluator on {root} (once; cached at {path})", flush=True)
+    start = time.time()
+    train_evaluator(root, path, device=device)
+    print(f"evaluator trained in {time.time() - start:.0f} s", flush=True)
+    results = heldout_check(path, scenes=300, device=device)
+    write_atomic(json.dumps({case: {"accuracy": r["accuracy"], "images": r["images"],
+                                    "binding_errors": r["binding_errors"]} for case, r in results.items()},
+                            indent=1).encode(), path.with_suffix(".json"))
+    print("\n".join(summary_lines(results)), flush=True)
     return load_evaluator(path, device)
 
 

@@ -201,3 +201,18 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
         at_64 = course_accuracy(course(normalize(native.images)), native.labels)
         at_32 = course_accuracy(course(for_evaluator(normalize(small.images))), native.labels)
     assert at_64 >= 0.4 and at_32 >= 0.4, (at_64, at_32)
+
+
+def test_a_damaged_cached_evaluator_is_trained_again_with_a_notice(tiny_root, monkeypatch, capsys):
+    from lab import eval as evaluation
+    from lab import evaluator_training
+    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[32, 1]])
+    monkeypatch.setitem(evaluator_training.RECIPE, "extra_scenes", 0)
+    monkeypatch.setattr(evaluator_training, "heldout_check", lambda path, scenes, device: {})
+    path = evaluation.default_evaluator_path(tiny_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"half a checkpoint")
+    evaluator = evaluation.ensure_evaluator(tiny_root)
+    assert isinstance(evaluator, evaluation.Evaluator)
+    assert "not a readable evaluator checkpoint" in capsys.readouterr().err
+    assert evaluation.load_evaluator(path) is not None  # the cache now holds a good one
