@@ -32,7 +32,6 @@ import sqlalchemy.exc
 import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -42,7 +41,7 @@ from pydantic import Field, ValidationError, model_validator
 from lab import trainer
 from lab.config import Section, load_config, parse_set, read_yaml
 from lab.errors import UserError
-from lab.tracking import Tracker, check_reachable, resolve_uri
+from lab.tracking import Tracker, check_reachable, experiment_id, resolve_uri, run_context_tags
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_SUFFIXES = (".log", ".jsonl")
@@ -400,10 +399,11 @@ def parent_run(study, sweep, client, created=True, wait=PARENT_WAIT_S):
                 return run_id
         except MlflowException:
             pass  # the study outlived its MLflow store: start a new parent run
-    run = client.create_run(experiment_id(client, sweep.config.experiment), run_name=sweep.study_name, tags={
-        "optuna_study": sweep.study_name, "optuna_storage": display_storage(sweep.storage),
-        "sweep_file": str(sweep.path), "base_config": str(sweep.base), "metric": sweep.spec.metric,
-        "direction": sweep.spec.direction})
+    run = client.create_run(experiment_id(client, sweep.config.experiment), run_name=sweep.study_name,
+                            tags=run_context_tags({
+                                "optuna_study": sweep.study_name, "optuna_storage": display_storage(sweep.storage),
+                                "sweep_file": str(sweep.path), "base_config": str(sweep.base),
+                                "metric": sweep.spec.metric, "direction": sweep.spec.direction}))
     client.log_text(run.info.run_id, to_yaml(sweep), "sweep.yaml")
     if study.user_attrs.get(PARENT_RUN_ATTR) in (None, run_id):
         study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
@@ -412,19 +412,6 @@ def parent_run(study, sweep, client, created=True, wait=PARENT_WAIT_S):
         client.delete_run(run.info.run_id)
         client.update_run(stored, status="RUNNING")
     return stored
-
-
-def experiment_id(client, name):
-    """The experiment's id, created when missing; workers starting at once may race to create it."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException as e:
-        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-        return client.get_experiment_by_name(name).experiment_id  # another worker created it first
 
 
 def finish_parent(study, client, run_id, status="FINISHED"):

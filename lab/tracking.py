@@ -2,24 +2,35 @@
 
 Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
 sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
+
+What a user of MLflow expects is done the way MLflow itself does it: the standard run tags (user,
+source, git commit) from MLflow's own context resolution, metrics through its asynchronous queue as they
+happen, images with a key and a step (the run's charts show them with a step slider), system metrics
+from its own monitor, and experiments marked as model training so the UI opens them in that view.
 """
-import io
 import os
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils import git_utils
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME
 
 from lab.config import flatten, to_yaml
 from lab.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
+# MLflow 3's UI opens an experiment in its GenAI view (traces, sessions) unless this experiment tag says
+# otherwise; the values are the UI's (`custom_model_development` is its "Model training" view).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_uri(config_uri=None):
@@ -44,12 +55,54 @@ def check_reachable(uri, where="tracking_uri"):
             raise UserError(where, f"folder {folder} of the SQLite store {uri} does not exist")
 
 
-def git_commit(path="."):
+def experiment_id(client, name):
+    """The experiment's id, created (as a model-training experiment) when missing; workers starting at
+    once may race to create it. Experiments created before the kind tag existed get it too."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment = client.get_experiment_by_name(name)  # another worker created it first
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def run_context_tags(tags):
+    """MLflow's standard run tags (mlflow.user, mlflow.source.name/type, mlflow.source.git.commit/branch/
+    repoURL), then `tags`, and `git_dirty`: whether the checkout had uncommitted changes to tracked files.
+
+    MLflow takes the git facts from the main script's folder; when that is no checkout (pytest, an
+    entry point installed outside the repository) they come from the checkout this package lives in."""
+    resolved = resolve_tags(tags)
+    folder = str(Path(resolved.get(MLFLOW_SOURCE_NAME, ".")).resolve().parent)
+    if MLFLOW_GIT_COMMIT not in resolved:
+        folder = str(Path(__file__).resolve().parent)
+        found = {MLFLOW_GIT_COMMIT: git_utils.get_git_commit(folder), MLFLOW_GIT_BRANCH: git_utils.get_git_branch(folder),
+                 MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(folder)}
+        resolved.update({k: v for k, v in found.items() if v is not None})
+    dirty = git_dirty(folder) if MLFLOW_GIT_COMMIT in resolved else None
+    if dirty is not None:
+        resolved["git_dirty"] = str(dirty).lower()
+    return resolved
+
+
+def git_dirty(folder):
+    """Uncommitted changes to tracked files (untracked ones, like mlflow.db or runs/, do not count)."""
+    import git  # GitPython, which MLflow's own git tags use
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(path).resolve().parent if Path(path).is_file()
-                              else path, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return git.Repo(folder, search_parent_directories=True).is_dirty(untracked_files=False)
+    except (git.GitError, OSError):
+        return None
+
+
+def system_metrics_enabled():
+    """On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set to false (MLflow's own switch; its
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL sets the interval, 10 s by default)."""
+    return not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
 
 
 class Tracker:
@@ -59,64 +112,64 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
-        self.pending = []
-        self.sending = []  # MLflow's handles of batches still being written in the background
+        self.sending = []  # MLflow's handles of metric batches still being written in the background
+        self.monitor = None
 
     def start(self, config, config_path, run_id=None, parent_run_id=None, extra_tags=None):
         """Create the run (params, tags, resolved YAML) or reopen `run_id` without re-logging params."""
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
+            self.start_system_metrics(resume=True)
             return run_id
-        experiment = self.client.get_experiment_by_name(config.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
-        tags = {"mlflow.runName": config.run_name, "config_file": str(config_path), "ablation": config.ablation,
-                "seed": str(config.seed), "git_commit": git_commit(config_path), **(extra_tags or {})}
+        tags = run_context_tags({"mlflow.runName": config.run_name, "config_file": str(config_path),
+                                 "ablation": config.ablation, "seed": str(config.seed), **(extra_tags or {})})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=config.run_name, tags=tags)
+        run = self.client.create_run(experiment_id(self.client, config.experiment), run_name=config.run_name,
+                                     tags=tags)
         self.run_id = run.info.run_id
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow's batch limit for params
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_text(self.run_id, to_yaml(config), "config.yaml")
+        self.start_system_metrics()
         return self.run_id
 
+    def start_system_metrics(self, resume=False):
+        """MLflow's own monitor (CPU, memory, disk, network; GPU through nvidia-ml-py) as `system/*` metrics."""
+        if system_metrics_enabled():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self.monitor.start()
+
     def log_metrics(self, metrics, step):
-        """Queue metrics; they are sent in one batch, asynchronously, so training never waits."""
+        """Hand the metrics to MLflow's asynchronous queue: they show up at once, training never waits
+        (the queue merges what arrives meanwhile into one write)."""
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.pending) >= 200:
-            self.flush()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.sending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def flush(self):
-        if self.pending:
-            self.sending.append(self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False))
-            self.pending = []
+        """Wait until MLflow has stored every metric logged so far (before a checkpoint, at the end)."""
+        for operation in self.sending:
+            if operation is not None:  # a store without async logging returns None
+                operation.wait()
+        self.sending = []
 
     def set_tags(self, tags):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_image(self, image, artifact_file):
-        """A PIL image as a PNG artifact."""
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_bytes(buffer.getvalue())
-            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+    def log_image(self, image, key, step):
+        """A PIL image under `key` at `step`: the run's charts show each key with a step slider."""
+        self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
     def log_artifact(self, path, artifact_dir=None):
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
-    def sync(self):
-        """Send what is queued and wait until MLflow has written it (before a checkpoint, at the end)."""
-        self.flush()
-        for operation in self.sending:
-            if operation is not None:
-                operation.wait()
-        self.sending = []
-
     def end(self, status="FINISHED"):
-        self.sync()
+        self.flush()
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples go in before the run closes
+            self.monitor = None
         self.client.set_terminated(self.run_id, status=status)
