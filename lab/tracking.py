@@ -105,6 +105,25 @@ def system_metrics_enabled():
     return not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
 
 
+COMPARE_TAG = "compare"  # marks compare.py's chart runs, which hold no training of their own
+
+
+def log_compare_run(client, experiment, files, table_markdown, filter_string=None):
+    """compare.py's charts and table as artifacts of a small FINISHED run in the compared experiment, so they
+    sit beside the runs they summarise in the MLflow UI. Returns its run id."""
+    tags = run_context_tags({COMPARE_TAG: "true", "mlflow.note.content": "compare.py: the table and charts of "
+                             f"this experiment's finished runs{f' matching {filter_string}' if filter_string else ''}"})
+    if filter_string:
+        tags["compare_filter"] = filter_string
+    name = time.strftime("compare-%Y%m%d-%H%M%S")
+    run_id = client.create_run(experiment_id(client, experiment), run_name=name, tags=tags).info.run_id
+    for path in files:
+        client.log_artifact(run_id, str(path), "charts")
+    client.log_text(run_id, table_markdown, "table.md")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 class Tracker:
     """An MLflow run of one experiment: started fresh, or resumed by id after a restart."""
 
