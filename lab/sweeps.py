@@ -41,7 +41,7 @@ from pydantic import Field, ValidationError, model_validator
 from lab import trainer
 from lab.config import Section, load_config, parse_set, read_yaml
 from lab.errors import UserError
-from lab.tracking import Tracker, check_reachable, experiment_id, resolve_uri, run_context_tags
+from lab.tracking import Tracker, check_reachable, database_url, experiment_id, resolve_uri, run_context_tags
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_SUFFIXES = (".log", ".jsonl")
@@ -298,7 +298,7 @@ def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, 
         try:
             with warnings.catch_warnings():  # heartbeats and retries have been "experimental" since Optuna 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(_with_installed_driver(spec), engine_kwargs=engine_kwargs,
+                return RDBStorage(database_url(spec), engine_kwargs=engine_kwargs,
                                   heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry))
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
@@ -311,14 +311,6 @@ def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, 
             break
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise UserError(where, f"cannot open the Optuna storage {display_storage(spec)} ({message})") from None
-
-
-def _with_installed_driver(url):
-    """postgresql:// means psycopg 3 to SQLAlchemy 2.1; use psycopg2 (requirements.txt) when only it is installed."""
-    from importlib.util import find_spec
-    if url.startswith("postgresql://") and not find_spec("psycopg") and find_spec("psycopg2"):
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
 
 
 def display_storage(spec):

@@ -36,10 +36,18 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 def resolve_uri(config_uri=None):
     """The tracking URI, with a relative SQLite path made absolute (MLflow caches stores by URI text,
     so `sqlite:///mlflow.db` from two working directories would otherwise share one database)."""
-    uri = config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    uri = database_url(config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
     return uri
+
+
+def database_url(url):
+    """`postgresql://` names psycopg 3 (the driver we install) explicitly: SQLAlchemy before 2.1 read it as
+    psycopg2. Every database URL, MLflow's or Optuna's, goes through here."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
 
 
 def check_reachable(uri, where="tracking_uri"):
