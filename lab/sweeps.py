@@ -19,6 +19,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 import warnings
 from collections import Counter
@@ -566,8 +567,10 @@ def run(path, *, n_trials=None, storage=None, overrides=(), device=None, log=pri
         if missing:
             # other workers may finish trials meanwhile: stop once the study as a whole has enough
             enough = optuna.study.MaxTrialsCallback(sweep.n_trials, states=FINISHED)
+            # Optuna's own bar: trials done and the best value so far (on a terminal only, not in logs)
             study.optimize(make_objective(sweep, parent_run_id, device, log), n_trials=missing, catch=(Exception,),
-                           callbacks=[enough, lambda _, trial: ran.append(trial.number)], gc_after_trial=True)
+                           callbacks=[enough, lambda _, trial: ran.append(trial.number)], gc_after_trial=True,
+                           show_progress_bar=sys.stderr.isatty())
         status = "FINISHED"
     finally:
         finish_parent(study, client, parent_run_id, status)
