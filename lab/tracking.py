@@ -6,8 +6,9 @@ sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI point
 What a user of MLflow expects is done the way MLflow itself does it: the standard run tags (user,
 source, git commit) from MLflow's own context resolution, metrics through its asynchronous queue as they
 happen, images with a key and a step (the run's charts show them with a step slider), system metrics
-from its own monitor, and experiments marked as model training so the UI opens them in that view.
+from its own monitor, and experiments tagged as model training.
 """
+import logging
 import os
 import time
 import urllib.error
@@ -28,8 +29,9 @@ from lab.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
-# MLflow 3's UI opens an experiment in its GenAI view (traces, sessions) unless this experiment tag says
-# otherwise; the values are the UI's (`custom_model_development` is its "Model training" view).
+# The experiment tag MLflow 3's UI reads to choose its model-training view over the GenAI one (the value
+# is the UI's own). 3.17 reads it only when its GenAI/Model training switch is off; with the switch, the
+# switch decides (README: the URL that opens the model-training view).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -167,6 +169,8 @@ class Tracker:
         """MLflow's own monitor (CPU, memory, disk, network; GPU through nvidia-ml-py) as `system/*` metrics."""
         if system_metrics_enabled():
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            # its start/stop notices would print between the progress bars at every run; warnings still show
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
             self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
             self.monitor.start()
 
