@@ -370,6 +370,10 @@ def open_study(sweep):
                        "mlflow_tracking_uri": display_storage(resolve_uri(sweep.config.tracking_uri))}.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
+    if study.metric_names is None:  # optuna-dashboard labels its plots with it instead of "Objective 0"
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([sweep.spec.metric])
     return study, created
 
 

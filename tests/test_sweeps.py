@@ -287,6 +287,7 @@ def test_tiny_sweep_prunes_nests_runs_and_resumes(tiny_sweep, tmp_path, capsys):
     # the study opens in optuna-dashboard, with the trials' MLflow run ids among their user attrs
     detail = dashboard_studies("sqlite:///optuna.db")["tiny"]
     assert [t["state"] for t in detail["trials"]] == ["Complete", "Pruned", "Complete"]
+    assert detail["objective_names"] == ["val_accuracy"]  # the dashboard's axis label, not "Objective 0"
 
     # resuming: the same command has nothing to do; a higher target runs only the missing trial (it fails),
     # and the next run makes up for the failure (trial 4, pruned); all under the same parent run
