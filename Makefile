@@ -1,15 +1,22 @@
-# `make test` and `make demo` work on a fresh clone: they create .venv and install the pinned
-# requirements when missing (or when requirements.txt changed).
+# `make test` and `make demo` work on a fresh clone: they create .venv and install exactly the versions in
+# requirements.lock, then this package (editable, its entry points on .venv/bin), when missing or when the
+# lock or pyproject.toml changed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-fast demo ablations clean
+.PHONY: test test-fast demo ablations lock clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# Regenerate requirements.lock after changing a dependency in pyproject.toml: every package, transitive ones
+# included, pinned for every platform (markers); versions already in the lock are kept where they still fit.
+lock: $(VENV)/.installed
+	$(PY) -m uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 -o requirements.lock
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -29,4 +36,4 @@ ablations: $(VENV)/.installed
 	$(PY) compare.py --experiment iclevr-ablations --charts
 
 clean:
-	rm -rf .pytest_cache mlflow.db mlruns mlartifacts optuna.db runs
+	rm -rf .pytest_cache *.egg-info mlflow.db mlruns mlartifacts optuna.db runs

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from lab.config import load_config
 from lab.errors import UserError
@@ -135,17 +136,23 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def timed_steps(step, warmup, steps, device):
-    """(seconds of the warm-up steps, steady-state seconds per step) of step(i) for i = 0, 1, ..."""
+def timed_steps(step, warmup, steps, device, desc=None):
+    """(seconds of the warm-up steps, steady-state seconds per step) of step(i) for i = 0, 1, ...
+
+    The progress bar's update costs microseconds against steps of milliseconds, and never syncs the device."""
+    bar = tqdm(total=warmup + steps, desc=desc, unit="step", leave=False, disable=None)
     sync(device)
     start = time.perf_counter()
     for i in range(warmup):
         step(i)
+        bar.update()
     sync(device)
     warm = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
+        bar.update()
     sync(device)
+    bar.close()
     return warm - start, (time.perf_counter() - warm) / steps
 
 
@@ -226,7 +233,7 @@ def bench_reference(setup, initial, root, args, steps, warmup):
         losses.append(loss.item() * tc.grad_accum)  # a typical script reads the loss back every step
 
     try:
-        warmup_s, step_s = timed_steps(step, warmup, steps, device)
+        warmup_s, step_s = timed_steps(step, warmup, steps, device, desc="reference loop")
         figures = training_figures("reference", warmup_s, step_s, warmup, tc.batch_size * tc.grad_accum, device,
                                    final_loss=losses[-1], loader_workers=args.workers)
     finally:
@@ -282,7 +289,7 @@ def bench_fast(setup, steps, warmup):
             stats.zero_()
 
     try:
-        warmup_s, step_s = timed_steps(step, warmup, steps, device)
+        warmup_s, step_s = timed_steps(step, warmup, steps, device, desc="fast path")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     loss_sum, count, bad = stats.cpu()
@@ -332,6 +339,7 @@ def bench_sampling(ssetup, labels, evaluator, runs, guidances, seeds):
         generate(model, labels[:SAMPLE_BATCH], ssetup, seed=0, sampler="ddim", steps=2, guidance_scale=g,
                  batch_size=SAMPLE_BATCH)
     rows = []
+    bar = tqdm(total=len(guidances) * len(runs) * seeds, desc="sampling", unit="run", leave=False, disable=None)
     for g in guidances:
         for name, (kind, steps) in runs:
             if kind == "ddpm" and steps not in (None, T):
@@ -350,11 +358,14 @@ def bench_sampling(ssetup, labels, evaluator, runs, guidances, seeds):
                     sync(device)
                     seconds += time.perf_counter() - start
                 accs.append(evaluator.accuracy(for_evaluator(torch.cat(images)), labels))
+                bar.set_postfix(sampler=name, guidance=g, refresh=False)
+                bar.update()
             label = f"ddpm-{T}" if kind == "ddpm" else name
             rows.append({"sampler": label, "model_evals_per_image": (steps or T) * (1 if g == 1 else 2),
                          "guidance": g, "s_per_batch32": seconds / (seeds * len(labels)) * SAMPLE_BATCH,
                          "val_accuracy": sum(accs) / len(accs), "val_accuracy_per_seed": accs,
                          "peak_mem_gib": peak_gib(device), "kind": kind})
+    bar.close()
     for row in rows:  # ratios to DDPM (all steps) at the same guidance scale
         ddpm = next((r for r in rows if r["kind"] == "ddpm" and r["guidance"] == row["guidance"]), None)
         row["speedup_vs_ddpm"] = ddpm["s_per_batch32"] / row["s_per_batch32"] if ddpm else None
@@ -391,10 +402,10 @@ def bench_logging(config, config_path, fast_step_s, events):
         loop_start = time.perf_counter()
         for k in range(events):
             start = time.perf_counter()
-            tracker.log_metrics(metrics(k), (k + 1) * every)  # flushes itself every 200 queued metrics
+            tracker.log_metrics(metrics(k), (k + 1) * every)  # one asynchronous batch per call, as in train()
             calls.append(time.perf_counter() - start)
         start = time.perf_counter()
-        tracker.flush()  # train() flushes once at the end: spread over the run
+        tracker.flush()  # train() waits before checkpoints and at the end: spread over the run
         calls[-1] += time.perf_counter() - start
         _wait(operations)  # until the background writer has stored everything
         with_drain = time.perf_counter() - loop_start

@@ -82,18 +82,6 @@ def binding_errors(probs, labels, label_names):
     return counts
 
 
-def frechet_distance(feats_a, feats_b):
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula, our features)."""
-    a, b = feats_a.double(), feats_b.double()
-    mu = (a.mean(0) - b.mean(0)).square().sum()
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    # tr(sqrt(A B)) = sum of sqrt(eigenvalues of sqrt(A) B sqrt(A)), all symmetric PSD
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float(mu + cov_a.trace() + cov_b.trace() - 2 * cross)
-
-
 class Evaluator:
     """A loaded evaluator on a device: probabilities, penultimate features and the course accuracy."""
 

@@ -10,7 +10,6 @@ to choose; `final_test` scores the chosen checkpoint once on the test splits and
 """
 import difflib
 import math
-import os
 import re
 import tempfile
 import time
@@ -20,13 +19,13 @@ import pandas as pd
 
 from lab.config import ExperimentConfig, flatten
 from lab.errors import UserError
-from lab.tracking import check_reachable, resolve_uri
+from lab.tracking import COMPARE_TAG, check_reachable, log_compare_run, resolve_uri
 
 DEFAULT_METRIC = "best_val_accuracy"
 DEFAULT_GROUP_BY = ("ablation",)
 # Params that differ between the seeds of one configuration, or only say where things go: never a table column.
 RUN_KEYS = {"experiment", "run_name", "ablation", "seed", "seeds", "tracking_uri", "output_dir"}
-LOWER_IS_BETTER = ("val_fd", "loss", "sample_s_per_image")
+LOWER_IS_BETTER = ("val_fd", "val_kid", "loss", "sample_s_per_image")
 CONFIG_ORDER = list(flatten(ExperimentConfig()))  # columns follow the schema: model.*, diffusion.*, train.*, eval.*
 
 
@@ -56,8 +55,8 @@ def open_store(uri=None):
 def load_runs(client, experiment, filter_string=None):
     """The experiment's FINISHED runs as a DataFrame (columns run_id, run_name, params.*, tags.*, metrics.*).
 
-    Running, failed and killed (pruned) runs are left out, and so are sweep parents: runs that another
-    run names as its `mlflow.parentRunId` hold no training of their own.
+    Running, failed and killed (pruned) runs are left out, and so are sweep parents (runs that another
+    run names as its `mlflow.parentRunId`) and compare.py's own chart runs: they hold no training.
     """
     from mlflow.exceptions import MlflowException
     found = client.get_experiment_by_name(experiment)
@@ -73,7 +72,7 @@ def load_runs(client, experiment, filter_string=None):
     parents = {r.data.tags.get("mlflow.parentRunId") for r in everything} - {None}
     rows = []
     for run in runs:
-        if run.info.status != "FINISHED" or run.info.run_id in parents:
+        if run.info.status != "FINISHED" or run.info.run_id in parents or COMPARE_TAG in run.data.tags:
             continue
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "start_time": run.info.start_time,
                      **{f"params.{k}": v for k, v in run.data.params.items()},
@@ -436,8 +435,11 @@ def compare(experiment, tracking_uri=None, filter_string=None, group_by=DEFAULT_
     table = ablation_table(runs, group_by, metric)
     log(render(table, fmt).rstrip("\n"))
     if charts:
-        for path in write_charts(runs, table, charts, metric):
-            log(f"chart: {os.path.relpath(path)}")
+        paths = [path.resolve() for path in write_charts(runs, table, charts, metric)]
+        for path in paths:
+            log(f"chart: {path}")
+        run_id = log_compare_run(client, experiment, paths, render(table, "markdown"), filter_string)
+        log(f"charts logged to MLflow run {run_id} (experiment {experiment}, artifacts charts/ and table.md)")
     if best or final:
         chosen = select_best(runs, metric)
         log(describe_best(chosen, metric))

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 import warnings
 from collections import Counter
@@ -32,7 +33,6 @@ import sqlalchemy.exc
 import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -42,7 +42,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from lab import trainer
 from lab.config import Section, load_config, parse_set, plain_name, read_yaml
 from lab.errors import UserError
-from lab.tracking import Tracker, check_reachable, resolve_uri
+from lab.tracking import Tracker, check_reachable, database_url, experiment_id, resolve_uri, run_context_tags
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_SUFFIXES = (".log", ".jsonl")
@@ -300,7 +300,7 @@ def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, 
         try:
             with warnings.catch_warnings():  # heartbeats and retries have been "experimental" since Optuna 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(_with_installed_driver(spec), engine_kwargs=engine_kwargs,
+                return RDBStorage(database_url(spec), engine_kwargs=engine_kwargs,
                                   heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry))
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
@@ -313,14 +313,6 @@ def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, 
             break
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise UserError(where, f"cannot open the Optuna storage {display_storage(spec)} ({message})") from None
-
-
-def _with_installed_driver(url):
-    """postgresql:// means psycopg 3 to SQLAlchemy 2.1; use psycopg2 (requirements.txt) when only it is installed."""
-    from importlib.util import find_spec
-    if url.startswith("postgresql://") and not find_spec("psycopg") and find_spec("psycopg2"):
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
 
 
 def display_storage(spec):
@@ -379,6 +371,10 @@ def open_study(sweep):
                        "mlflow_tracking_uri": display_storage(resolve_uri(sweep.config.tracking_uri))}.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
+    if study.metric_names is None:  # optuna-dashboard labels its plots with it instead of "Objective 0"
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([sweep.spec.metric])
     return study, created
 
 
@@ -401,10 +397,11 @@ def parent_run(study, sweep, client, created=True, wait=PARENT_WAIT_S):
                 return run_id
         except MlflowException:
             pass  # the study outlived its MLflow store: start a new parent run
-    run = client.create_run(experiment_id(client, sweep.config.experiment), run_name=sweep.study_name, tags={
-        "optuna_study": sweep.study_name, "optuna_storage": display_storage(sweep.storage),
-        "sweep_file": str(sweep.path), "base_config": str(sweep.base), "metric": sweep.spec.metric,
-        "direction": sweep.spec.direction})
+    run = client.create_run(experiment_id(client, sweep.config.experiment), run_name=sweep.study_name,
+                            tags=run_context_tags({
+                                "optuna_study": sweep.study_name, "optuna_storage": display_storage(sweep.storage),
+                                "sweep_file": str(sweep.path), "base_config": str(sweep.base),
+                                "metric": sweep.spec.metric, "direction": sweep.spec.direction}))
     client.log_text(run.info.run_id, to_yaml(sweep), "sweep.yaml")
     if study.user_attrs.get(PARENT_RUN_ATTR) in (None, run_id):
         study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
@@ -413,19 +410,6 @@ def parent_run(study, sweep, client, created=True, wait=PARENT_WAIT_S):
         client.delete_run(run.info.run_id)
         client.update_run(stored, status="RUNNING")
     return stored
-
-
-def experiment_id(client, name):
-    """The experiment's id, created when missing; workers starting at once may race to create it."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException as e:
-        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-        return client.get_experiment_by_name(name).experiment_id  # another worker created it first
 
 
 def finish_parent(study, client, run_id, status="FINISHED"):
@@ -588,8 +572,10 @@ def run(path, *, n_trials=None, storage=None, overrides=(), device=None, log=pri
         if missing:
             # other workers may finish trials meanwhile: stop once the study as a whole has enough
             enough = optuna.study.MaxTrialsCallback(sweep.n_trials, states=FINISHED)
+            # Optuna's own bar: trials done and the best value so far (on a terminal only, not in logs)
             study.optimize(make_objective(sweep, parent_run_id, device, log), n_trials=missing, catch=(Exception,),
-                           callbacks=[enough, lambda _, trial: ran.append(trial.number)], gc_after_trial=True)
+                           callbacks=[enough, lambda _, trial: ran.append(trial.number)], gc_after_trial=True,
+                           show_progress_bar=sys.stderr.isatty())
         status = "FINISHED"
     finally:
         finish_parent(study, client, parent_run_id, status)

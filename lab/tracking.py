@@ -2,36 +2,56 @@
 
 Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
 sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
+
+What a user of MLflow expects is done the way MLflow itself does it: the standard run tags (user,
+source, git commit) from MLflow's own context resolution, metrics through its asynchronous queue as they
+happen, images with a key and a step (the run's charts show them with a step slider), system metrics
+from its own monitor, and experiments tagged as model training.
 """
 import contextlib
-import io
+import logging
 import os
 import sqlite3
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils import git_utils
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME
 
 from lab.config import flatten, to_yaml, tracking_uri_problem
 from lab.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
+# The experiment tag MLflow 3's UI reads to choose its model-training view over the GenAI one (the value
+# is the UI's own). 3.17 reads it only when its GenAI/Model training switch is off; with the switch, the
+# switch decides (README: the URL that opens the model-training view).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_uri(config_uri=None):
     """The tracking URI, with a relative SQLite path made absolute (MLflow caches stores by URI text,
     so `sqlite:///mlflow.db` from two working directories would otherwise share one database)."""
-    uri = config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    uri = database_url(config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
     return uri
+
+
+def database_url(url):
+    """`postgresql://` names psycopg 3 (the driver we install) explicitly: SQLAlchemy before 2.1 read it as
+    psycopg2. Every database URL, MLflow's or Optuna's, goes through here."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
 
 
 def check_reachable(uri, where="tracking_uri"):
@@ -61,12 +81,73 @@ def check_sqlite(path, where):
         raise UserError(where, f"{path} is not a readable SQLite database ({e})") from None
 
 
-def git_commit(path="."):
+def experiment_id(client, name):
+    """The experiment's id, created (as a model-training experiment) when missing; workers starting at
+    once may race to create it. Experiments created before the kind tag existed get it too."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment = client.get_experiment_by_name(name)  # another worker created it first
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def run_context_tags(tags):
+    """MLflow's standard run tags (mlflow.user, mlflow.source.name/type, mlflow.source.git.commit/branch/
+    repoURL), then `tags`, and `git_dirty`: whether the checkout had uncommitted changes to tracked files.
+
+    MLflow takes the git facts from the main script's folder; when that is no checkout (pytest, an
+    entry point installed outside the repository) they come from the checkout this package lives in."""
+    resolved = resolve_tags(tags)
+    folder = str(Path(resolved.get(MLFLOW_SOURCE_NAME, ".")).resolve().parent)
+    if MLFLOW_GIT_COMMIT not in resolved:
+        folder = str(Path(__file__).resolve().parent)
+        found = {MLFLOW_GIT_COMMIT: git_utils.get_git_commit(folder), MLFLOW_GIT_BRANCH: git_utils.get_git_branch(folder),
+                 MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(folder)}
+        resolved.update({k: v for k, v in found.items() if v is not None})
+    dirty = git_dirty(folder) if MLFLOW_GIT_COMMIT in resolved else None
+    if dirty is not None:
+        resolved["git_dirty"] = str(dirty).lower()
+    return resolved
+
+
+def git_dirty(folder):
+    """Uncommitted changes to tracked files (untracked ones, like mlflow.db or runs/, do not count)."""
+    import git  # GitPython, which MLflow's own git tags use
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(path).resolve().parent if Path(path).is_file()
-                              else path, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return git.Repo(folder, search_parent_directories=True).is_dirty(untracked_files=False)
+    except (git.GitError, OSError):
+        return None
+
+
+def system_metrics_enabled():
+    """On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is set to false (MLflow's own switch; its
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL sets the interval, 10 s by default)."""
+    return not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
+
+
+COMPARE_TAG = "compare"  # marks compare.py's chart runs, which hold no training of their own
+
+
+def log_compare_run(client, experiment, files, table_markdown, filter_string=None):
+    """compare.py's charts and table as artifacts of a small FINISHED run in the compared experiment, so they
+    sit beside the runs they summarise in the MLflow UI. Returns its run id."""
+    tags = run_context_tags({COMPARE_TAG: "true", "mlflow.note.content": "compare.py: the table and charts of "
+                             f"this experiment's finished runs{f' matching {filter_string}' if filter_string else ''}"})
+    if filter_string:
+        tags["compare_filter"] = filter_string
+    name = time.strftime("compare-%Y%m%d-%H%M%S")
+    run_id = client.create_run(experiment_id(client, experiment), run_name=name, tags=tags).info.run_id
+    for path in files:
+        client.log_artifact(run_id, str(path), "charts")
+    client.log_text(run_id, table_markdown, "table.md")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 class Tracker:
@@ -76,24 +157,25 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
-        self.pending = []
-        self.sending = []  # MLflow's handles of batches still being written in the background
+        self.sending = []  # MLflow's handles of metric batches still being written in the background
+        self.monitor = None
 
     def start(self, config, config_path, run_id=None, parent_run_id=None, extra_tags=None, on_created=None):
         """Create the run (params, tags, resolved YAML) or reopen `run_id`; `on_created(run_id)` is called the
         moment a new run exists, before anything else, so that it can be recorded for a resume."""
         if run_id:
             self.run_id = self._reopen(run_id)
+            self.start_system_metrics(resume=True)
         else:
-            experiment = self.client.get_experiment_by_name(config.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
-            tags = {"mlflow.runName": config.run_name, "config_file": str(config_path), "ablation": config.ablation,
-                    "seed": str(config.seed), "git_commit": git_commit(config_path), **(extra_tags or {})}
+            tags = run_context_tags({"mlflow.runName": config.run_name, "config_file": str(config_path),
+                                     "ablation": config.ablation, "seed": str(config.seed), **(extra_tags or {})})
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            self.run_id = self.client.create_run(experiment_id, run_name=config.run_name, tags=tags).info.run_id
+            self.run_id = self.client.create_run(experiment_id(self.client, config.experiment),
+                                                 run_name=config.run_name, tags=tags).info.run_id
             if on_created:
                 on_created(self.run_id)
+            self.start_system_metrics()
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(config).items()]
         if len(self.client.get_run(self.run_id).data.params) < len(params):  # new, or killed while logging them
             for i in range(0, len(params), 100):  # MLflow's batch limit for params
@@ -117,41 +199,42 @@ class Tracker:
         except MlflowException:
             pass  # not in this store (another tracking URI): nothing to mark
 
+    def start_system_metrics(self, resume=False):
+        """MLflow's own monitor (CPU, memory, disk, network; GPU through nvidia-ml-py) as `system/*` metrics."""
+        if system_metrics_enabled():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            # its start/stop notices would print between the progress bars at every run; warnings still show
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+            self.monitor.start()
+
     def log_metrics(self, metrics, step):
-        """Queue metrics; they are sent in one batch, asynchronously, so training never waits."""
+        """Hand the metrics to MLflow's asynchronous queue: they show up at once, training never waits
+        (the queue merges what arrives meanwhile into one write)."""
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.pending) >= 200:
-            self.flush()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.sending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def flush(self):
-        if self.pending:
-            self.sending.append(self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False))
-            self.pending = []
+        """Wait until MLflow has stored every metric logged so far (before a checkpoint, at the end)."""
+        for operation in self.sending:
+            if operation is not None:  # a store without async logging returns None
+                operation.wait()
+        self.sending = []
 
     def set_tags(self, tags):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_image(self, image, artifact_file):
-        """A PIL image as a PNG artifact."""
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_bytes(buffer.getvalue())
-            self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent) or None)
+    def log_image(self, image, key, step):
+        """A PIL image under `key` at `step`: the run's charts show each key with a step slider."""
+        self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
     def log_artifact(self, path, artifact_dir=None):
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
-    def sync(self):
-        """Send what is queued and wait until MLflow has written it (before a checkpoint, at the end)."""
-        self.flush()
-        for operation in self.sending:
-            if operation is not None:
-                operation.wait()
-        self.sending = []
-
     def end(self, status="FINISHED"):
-        self.sync()
+        self.flush()
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples go in before the run closes
+            self.monitor = None
         self.client.set_terminated(self.run_id, status=status)

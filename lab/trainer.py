@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from PIL import Image
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from lab import parallel, run_folder
 from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from lab.config import to_yaml
-from lab.data import is_synthetic, load_condition_sets, load_train, normalize, resolve_root, to_uint8
+from lab.data import is_synthetic, load_condition_sets, load_objects, load_train, normalize, resolve_root
 from lab.errors import UserError
-from lab.eval import ensure_evaluator, for_evaluator, frechet_distance, load_evaluator
+from lab.eval import ensure_evaluator, for_evaluator, load_evaluator
+from lab.grids import label_names_of, labelled_grid, titled_rows
+from lab.metrics import frechet_distance, kernel_distance
 from lab.model_zoo import build_model
-from lab.schedules import denoising_strip, loss_weights, make_noise_scheduler, sample, training_target
+from lab.schedules import denoising_strip, loss_weights, make_noise_scheduler, make_sampler, sample, training_target
 from lab.tracking import Tracker, check_reachable, resolve_uri
 
 STRIP_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
@@ -55,6 +55,7 @@ class Setup:
     model: torch.nn.Module
     noise_scheduler: object
     out_dir: Path
+    label_names: list = None  # label index -> name (objects.json), for the captions of sample grids
 
 
 def pick_device(name=None):
@@ -119,27 +120,34 @@ def _prepare(config, config_path, device):
         noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule, config.diffusion.num_train_timesteps,
                                              config.diffusion.prediction_type),
         out_dir=Path(config.output_dir) / config.run_name,
+        label_names=data.label_names,
     )
 
 
-def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_scale=None, batch_size=None):
-    """Samples for every row of `labels` with the configured fast sampler, in batches."""
+def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_scale=None, batch_size=None,
+             desc=None):
+    """Samples for every row of `labels` with the configured fast sampler, in batches; with `desc`, a
+    progress bar over the sampler's steps (DDPM with 1000 steps takes minutes)."""
     cfg = setup.config.eval
+    sampler, steps = sampler or cfg.sampler, steps or cfg.steps
     generator = torch.Generator(setup.device).manual_seed(seed)
+    chunks = labels.split(batch_size or cfg.batch_size)
+    total = len(chunks) * len(make_sampler(sampler, setup.noise_scheduler, steps).timesteps)
     images = []
-    with autocast(setup):
-        for chunk in labels.split(batch_size or cfg.batch_size):
+    with autocast(setup), tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=1,
+                               disable=None if desc else True) as bar:
+        for chunk in chunks:
             images.append(sample(model, chunk.to(setup.device), train_scheduler=setup.noise_scheduler,
-                                 sampler=sampler or cfg.sampler, steps=steps or cfg.steps, eta=cfg.eta,
+                                 sampler=sampler, steps=steps, eta=cfg.eta,
                                  guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-                                 generator=generator, image_size=setup.config.data.image_size).float())
+                                 generator=generator, image_size=setup.config.data.image_size,
+                                 callback=lambda *_: bar.update()).float())
     return torch.cat(images)
 
 
-def grid_image(images, nrow=8):
-    """A PIL grid (8 per row) of images in [-1, 1]."""
-    grid = make_grid(to_uint8(images.cpu()), nrow=nrow, padding=2)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+def grid_image(images, labels, setup, nrow=8):
+    """A PIL grid (8 per row) of images in [-1, 1], each tile captioned with the labels it was asked for."""
+    return labelled_grid(images, label_names_of(labels, setup.label_names), nrow=nrow)
 
 
 def autocast(setup):
@@ -150,7 +158,7 @@ def autocast(setup):
 
 def strip_image(model, setup, seed):
     """The denoising strip: one row per STRIP_LABELS entry, from pure noise to the final image."""
-    names = setup.data.label_names
+    names = setup.label_names
     if not all(name in names for name in STRIP_LABELS):
         return None
     labels = torch.zeros(len(STRIP_LABELS), len(names), device=setup.device)
@@ -162,7 +170,7 @@ def strip_image(model, setup, seed):
                                  steps=cfg.steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
                                  generator=torch.Generator(setup.device).manual_seed(seed),
                                  image_size=setup.config.data.image_size)
-    return grid_image(frames.float().transpose(0, 1).flatten(0, 1), nrow=frames.shape[0])
+    return titled_rows(frames.float().transpose(0, 1), STRIP_LABELS)
 
 
 def real_features(setup, count=2048):
@@ -196,15 +204,18 @@ def load_for_sampling(path, device="cpu"):
 
 
 def score_splits(model, setup, seeds, log_grid=None):
-    """Test accuracy of a model on each test split over several sampling seeds: {split: (mean, std, list)}."""
+    """Test accuracy of a model on each test split over several sampling seeds: {split: (mean, std, list)}.
+
+    log_grid(image, key) receives the first seed's captioned grid of each split, key `<split>_samples`."""
     scores = {}
     for name, labels in setup.test_labels.items():
         accs = []
         for seed in range(seeds):
-            images = generate(model, labels, setup, seed=10_000 + seed)
+            images = generate(model, labels, setup, seed=10_000 + seed,
+                              desc=f"scoring {Path(name).stem}, seed {seed + 1}/{seeds}")
             accs.append(setup.evaluator.accuracy(for_evaluator(images), labels))
             if seed == 0 and log_grid:
-                log_grid(grid_image(images), f"test/{Path(name).stem}.png")
+                log_grid(grid_image(images, labels, setup), f"{Path(name).stem}_samples")
         scores[name] = (float(np.mean(accs)), float(np.std(accs)), accs)
     return scores
 
@@ -234,7 +245,7 @@ def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
                   noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule,
                                                        config.diffusion.num_train_timesteps,
                                                        config.diffusion.prediction_type),
-                  out_dir=Path(path).parent)
+                  out_dir=Path(path).parent, label_names=load_objects(root))
     return score_splits(model, setup, seeds or config.eval.final_seeds, log_grid)
 
 
@@ -363,7 +374,8 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
         run_id = tracker.start(config, setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
                                extra_tags=extra_tags,
                                on_created=lambda new_id: run_folder.write_record(out, new_id, to_yaml(config)))
-        bar = tqdm(total=total_steps, initial=step, desc=config.run_name, mininterval=1, disable=None)
+        bar = tqdm(total=total_steps, initial=step, desc=config.run_name, mininterval=1,
+                   disable=None if main else True)  # one bar per process group
         # rows: loss sum and sample count per timestep quartile, first non-finite step (column 0)
         stats = torch.zeros(3, 4, device=device)
         window_start, window_images = time.perf_counter(), 0
@@ -411,43 +423,48 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                 if step >= total_steps:
                     break
             last = step >= total_steps
+            paused = time.perf_counter()  # images_per_s counts training steps only, not what follows
             if main and ((epoch + 1) % config.eval.every_epochs == 0 or last):
                 if reference_features is None:
                     reference_features = real_features(setup)
                 sampler_model = sampling_state(model, ema)
                 sampling_started = time.perf_counter()
-                images_val = generate(sampler_model, setup.val_labels, setup, seed=config.seed)
+                images_val = generate(sampler_model, setup.val_labels, setup, seed=config.seed,
+                                      desc=f"validation at step {step}")
                 sample_s = (time.perf_counter() - sampling_started) / len(images_val)
                 acc = setup.evaluator.accuracy(for_evaluator(images_val), setup.val_labels)
-                fd = frechet_distance(setup.evaluator.features(for_evaluator(images_val)), reference_features)
-                tracker.log_metrics({"val_accuracy": acc, "val_fd": fd, "sample_s_per_image": sample_s}, step)
-                tracker.log_image(grid_image(images_val), f"samples/val_step{step:07d}.png")
+                features = setup.evaluator.features(for_evaluator(images_val))
+                kid = kernel_distance(features, reference_features)
+                fd = frechet_distance(features, reference_features)
+                tracker.log_metrics({"val_accuracy": acc, "val_kid": kid, "val_fd": fd,
+                                     "sample_s_per_image": sample_s}, step)
+                tracker.log_image(grid_image(images_val, setup.val_labels, setup), "val_samples", step)
                 strip = strip_image(sampler_model, setup, config.seed)
                 if strip is not None:
-                    tracker.log_image(strip, f"strips/denoising_step{step:07d}.png")
+                    tracker.log_image(strip, "denoising_strip", step)
                 if acc > best_acc:
                     best_acc = acc
                     save_checkpoint({"model": sampler_model.state_dict(), "config": to_yaml(config), "step": step,
                                  "val_accuracy": acc}, best_path)
                 del sampler_model
-                bar.write(f"step {step}: val accuracy {acc:.3f} (best {best_acc:.3f}), fd {fd:.1f}")
+                bar.write(f"step {step}: val accuracy {acc:.3f} (best {best_acc:.3f}), kid {kid:.4f}, fd {fd:.1f}")
                 if on_validation is not None:
                     on_validation(step, acc)  # may raise Stop (a pruned trial)
             if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
-                tracker.sync()  # metrics up to this step are stored before the state a resume starts from
+                tracker.flush()  # metrics up to this step are stored before the state a resume starts from
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
                              "torch_rng": torch.get_rng_state(), "step": step,
                              "epoch": epoch + 1, "best_acc": best_acc, "run_id": run_id,
                              "config": to_yaml(config)}, latest)
             parallel.barrier()  # the others wait while the main process evaluates and saves
+            window_start += time.perf_counter() - paused
             if last:
                 break
         bar.close()
         if not main:
             status = "FINISHED"
             return {"run_id": None, "steps": step}
-        tracker.flush()
         summary = finish(setup, tracker, best_path, best_acc, step)
         tracker.sync()  # every score is stored before the checkpoint says the run is finished
         save_checkpoint({**load_checkpoint(latest), "finished": True, "summary": summary}, latest)
@@ -478,7 +495,8 @@ class NoTracker:
 def finish(setup, tracker, best_path, best_acc, step):
     """Score the best checkpoint once on the test splits; log the scores and the checkpoint."""
     model, _ = load_for_sampling(best_path, setup.device)
-    scores = score_splits(model, setup, setup.config.eval.final_seeds, log_grid=tracker.log_image)
+    scores = score_splits(model, setup, setup.config.eval.final_seeds,
+                          log_grid=lambda image, key: tracker.log_image(image, key, step))
     metrics = {"best_val_accuracy": best_acc}
     for name, (mean, std, _) in scores.items():
         metrics[f"{Path(name).stem}_accuracy"] = mean

@@ -171,10 +171,21 @@ def test_best_is_chosen_by_validation_never_by_test(store, store_uri, capsys):
 def test_charts_are_png_files(store_uri, capsys, tmp_path):
     code, out, _ = run_cli(capsys, "--charts", "charts")
     assert code == 0
-    assert out.splitlines()[-2:] == ["chart: charts/accuracy_by_ablation.png", "chart: charts/accuracy_vs_sampler.png"]
-    for name in ("accuracy_by_ablation.png", "accuracy_vs_sampler.png"):
+    names = ("accuracy_by_ablation.png", "accuracy_vs_sampler.png")
+    assert out.splitlines()[-3:-1] == [f"chart: {tmp_path / 'charts' / name}" for name in names]  # absolute
+    for name in names:
         assert (tmp_path / "charts" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = report.ablation_table(report.load_runs(report.open_store(), EXPERIMENT))
+    # the same charts and the table on a compare run in the experiment, which later tables leave out
+    client = report.open_store()
+    compare_run = client.get_run(out.splitlines()[-1].split("MLflow run ")[1].split()[0])
+    assert compare_run.info.status == "FINISHED" and compare_run.data.tags["compare"] == "true"
+    logged = {a.path for a in client.list_artifacts(compare_run.info.run_id, "charts")}
+    assert logged == {f"charts/{name}" for name in names}
+    table_md = Path(client.download_artifacts(compare_run.info.run_id, "table.md", str(tmp_path))).read_text()
+    assert table_md.startswith("| ablation") and "adagn" in table_md
+    runs = report.load_runs(client, EXPERIMENT)
+    assert compare_run.info.run_id not in set(runs["run_id"])
+    table = report.ablation_table(runs)
     assert report.row_labels(table) == ["base", "conditioning: adagn", "sampler: dpmsolver++, 20"]
 
 

@@ -84,16 +84,12 @@ def free_port():
 
 
 def create_database(server_url, name):
-    """A new database on the throwaway server; its SQLAlchemy URL (psycopg2, as in requirements.txt)."""
-    import psycopg2
-    connection = psycopg2.connect(server_url)
-    connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        connection.close()
-    return server_url.replace("postgresql://", "postgresql+psycopg2://").rsplit("/", 1)[0] + f"/{name}"
+    """A new database on the throwaway server; its URL, plain `postgresql://` (psycopg 3, as installed)."""
+    import psycopg
+    # CREATE DATABASE cannot run in a transaction
+    with psycopg.connect(server_url, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from lab.eval import (binding_errors, build_resnet, course_accuracy, frechet_distance, load_evaluator,
+from lab.eval import (binding_errors, build_resnet, course_accuracy, load_evaluator,
                       per_label_report, save_evaluator)
 from lab.errors import UserError
+from lab.metrics import frechet_distance
 
 NAMES = ["red cube", "blue cube", "red sphere", "blue sphere"]
 

@@ -51,20 +51,28 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["model.unet"] == "tiny" and params["train.lr"] == "0.001" and params["eval.guidance_scale"] == "2.0"
     assert tags["ablation"] == "base" and tags["seed"] == "0" and tags["config_file"].endswith("tiny.yaml")
-    assert "git_commit" in tags
+    # MLflow's standard metadata: the UI's "Created by" and "Source", the commit and whether the tree was dirty
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as model training
     steps_per_epoch = 60 // 8
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in loss] == list(range(2, 3 * steps_per_epoch + 1, 2)) + [3 * steps_per_epoch] * (3 * steps_per_epoch % 2)
     val = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in val] == [2 * steps_per_epoch, 3 * steps_per_epoch]
     assert all(0 <= m.value <= 1 for m in val)
-    for key in ("loss_q1", "loss_q4", "lr", "images_per_s", "val_fd", "test_accuracy", "new_test_accuracy",
+    for key in ("loss_q1", "loss_q4", "lr", "images_per_s", "val_fd", "val_kid", "test_accuracy", "new_test_accuracy",
                 "test_accuracy_std", "best_val_accuracy"):
         assert key in metrics, key
-    artifacts = {a.path for folder in ("", "samples", "strips", "test", "checkpoints")
+    artifacts = {a.path for folder in ("", "images", "checkpoints")
                  for a in client.list_artifacts(run.info.run_id, folder or None)}
-    assert {"config.yaml", "samples/val_step0000014.png", "samples/val_step0000021.png", "test/test.png",
-            "test/new_test.png", "checkpoints/best.pt", "strips/denoising_step0000021.png"} <= artifacts
+    assert {"config.yaml", "checkpoints/best.pt"} <= artifacts
+    # images logged with a key and a step (MLflow's images/<key>+step+<step>+...): the UI's step slider
+    images = {(Path(a).name.split("+")[0], int(Path(a).name.split("+")[2])) for a in artifacts
+              if a.startswith("images/") and a.endswith(".png")}
+    assert images == {("val_samples", 14), ("val_samples", 21), ("denoising_strip", 14), ("denoising_strip", 21),
+                      ("test_samples", 21), ("new_test_samples", 21)}
     assert Path("runs/tiny/best.pt").is_file() and Path("runs/tiny/latest.pt").is_file()
     # running the same command again does not train again
     assert main([str(tiny_experiment)]) == 0

@@ -1,7 +1,6 @@
 """Resume after SIGKILL at several moments: same MLflow run, bitwise-identical weights; damaged checkpoints
 fall back; a second process on a run folder is refused."""
 import os
-import random
 import signal
 import subprocess
 import sys

@@ -109,9 +109,9 @@ def test_shipped_sweep_files_load(path):
                                   pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_storage_kinds_open_in_optuna_and_the_dashboard(tmp_path, monkeypatch, request, kind):
     monkeypatch.chdir(tmp_path)
-    if kind == "postgres":  # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; the dashboard needs the driver named
+    if kind == "postgres":  # a plain postgresql:// URL works in the sweeps and in optuna-dashboard (psycopg 3)
         url = request.getfixturevalue("postgres_url")
-        spec, dashboard_arg = url, url.replace("postgresql://", "postgresql+psycopg2://")
+        spec, dashboard_arg = url, url
     else:
         spec, dashboard_arg = {"sqlite": ("sqlite:///studies/optuna.db", "sqlite:///studies/optuna.db"),
                                "journal_log": ("studies/optuna.log", "studies/optuna.log"),
@@ -135,6 +135,22 @@ def test_bad_storages_are_one_line(tmp_path):
         sweeps.make_storage(f"{tmp_path}/missing/optuna.log")
     with pytest.raises(UserError, match=r"cannot open the Optuna storage postgresql://u:\*\*\*@127.0.0.1:1/db"):
         sweeps.make_storage("postgresql://u:secret@127.0.0.1:1/db")
+
+
+def test_the_dashboard_opens_a_storage_no_sweep_has_used_yet(tmp_path, monkeypatch, capsys):
+    """`python -m lab.dashboard` before the first sweep: an empty study list, not optuna-dashboard's traceback."""
+    import optuna_dashboard
+
+    from lab import dashboard
+    served = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port: served.append((storage, host, port)))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert dashboard.main([url]) == 0
+    assert served[0][1:] == ("127.0.0.1", 8080) and isinstance(served[0][0], optuna.storages.RDBStorage)
+    assert f"optuna-dashboard on {url}: http://127.0.0.1:8080" in capsys.readouterr().out
+    assert dashboard_studies(url) == {}  # the tables exist now: plain optuna-dashboard works too
+    assert dashboard.main([f"sqlite:///{tmp_path}/missing/optuna.db"]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
@@ -271,6 +287,7 @@ def test_tiny_sweep_prunes_nests_runs_and_resumes(tiny_sweep, tmp_path, capsys):
     # the study opens in optuna-dashboard, with the trials' MLflow run ids among their user attrs
     detail = dashboard_studies("sqlite:///optuna.db")["tiny"]
     assert [t["state"] for t in detail["trials"]] == ["Complete", "Pruned", "Complete"]
+    assert detail["objective_names"] == ["val_accuracy"]  # the dashboard's axis label, not "Objective 0"
 
     # resuming: the same command has nothing to do; a higher target runs only the missing trial (it fails),
     # and the next run makes up for the failure (trial 4, pruned); all under the same parent run

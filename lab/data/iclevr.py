@@ -5,6 +5,7 @@ index), `test.json` / `new_test.json` (lists of label lists) and an image folder
 Images are decoded once into a uint8 tensor file keyed by the inputs' content, so later runs load
 the whole training set in seconds and can keep it resident on the GPU.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from lab.checkpoints import atomic_save
 from lab.errors import UserError
@@ -158,11 +160,16 @@ def load_train(root, image_size=64, image_dir="iclevr", cache_dir=None, workers=
     if images is None:
         workers = workers or min(os.cpu_count() or 1, 8)
         chunks = [(paths[i:i + 256], image_size) for i in range(0, len(paths), 256)]
-        if workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                arrays = list(pool.map(_decode_chunk, chunks))
-        else:
-            arrays = [_decode_chunk(c) for c in chunks]
+        with contextlib.ExitStack() as stack, tqdm(total=len(paths), desc=f"decoding {folder} (once)", unit="img",
+                                                   mininterval=1, disable=None) as bar:
+            if workers > 1 and len(chunks) > 1:
+                decoded = stack.enter_context(ProcessPoolExecutor(workers)).map(_decode_chunk, chunks)
+            else:
+                decoded = map(_decode_chunk, chunks)
+            arrays = []
+            for array in decoded:
+                arrays.append(array)
+                bar.update(len(array))
         images = torch.from_numpy(np.concatenate(arrays))
         atomic_save(images, cache)  # a killed run never leaves a half-written cache; a full disk is one line
     return TrainingSet(images, labels, names, label_names)
