@@ -133,7 +133,7 @@ def safe_load(path, what="checkpoint", data=None):
         if "Unsupported global" in str(e):
             raise UserError(path, f"refused: the {what} carries pickled objects, not only weights") from None
         raise UserError(path, f"not a readable {what} (truncated or corrupted)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:  # garbage bytes: pickle fails many ways
         raise UserError(path, f"not a readable {what} (truncated or corrupted: {type(e).__name__})") from None
 
 

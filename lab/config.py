@@ -133,9 +133,12 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1)
     evaluator: Optional[str] = None      # the course's checkpoint.pth; null = ours for the data root
     test_splits: list[str] = ["test.json", "new_test.json"]
+    heldout_split: Optional[str] = "heldout_test.json"  # scored at the end too where the root has it (synthetic
+                                         # roots do): label pairs never seen together in training
+    val_seeds: int = Field(3, ge=1)      # sampling seeds per validation; their mean accuracy selects best.pt
     final_seeds: int = Field(1, ge=1)    # sampling seeds for the final test scores (mean ± std)
     check_sampler = field_validator("sampler")(_choice("lab.schedules", "SAMPLERS"))
-    check_split = field_validator("split")(inside_root)
+    check_split = field_validator("split", "heldout_split")(inside_root)
 
     @field_validator("test_splits")
     @classmethod

@@ -3,8 +3,8 @@
 The course's evaluator was "trained on iclevr dataset with 1 to 5 objects and the resolution is the
 upsampled 64x64 images from 32x32 images", so ours sees the same: the generator's training root (1-3
 objects) plus synthetic scenes of 1-5 objects, each image drawn at 64, 48 or 32 pixels and upsampled to
-64x64 the way samples reach the evaluator (`lab.eval.for_evaluator`). Most epochs run at 32x32 input
-(a quarter of the cost), then a short 64x64 phase adapts the network to the evaluator's input size.
+64x64 the way samples reach the evaluator (`lab.eval.for_evaluator`). The first half of the epochs
+runs at 48x48 input (progressive resizing: cheaper steps), the rest at the evaluator's 64x64.
 """
 import hashlib
 import json
@@ -28,10 +28,13 @@ from lab.eval import (EVALUATOR_SIZE, binding_errors, build_resnet, course_accur
 RECIPE = {
     "extra_scenes": 1500,       # synthetic scenes of `extra_objects` objects, one image per prefix
     "extra_objects": 5,
-    "phases": [[32, 4], [64, 1]],  # [input size, epochs]: cheap low-resolution epochs, then 64x64
+    # [input size, epochs]. 4 epochs at 32x32 then 1 at 64x64 reached only 0.67 held-out: a network
+    # trained at 32x32 input does not carry over to 64x64 in one epoch. 48 then 64, half each, is the
+    # schedule that reached 0.9956 on native 64x64 renders before the data covered low resolutions.
+    "phases": [[48, 5], [64, 5]],
     "draw_sizes": [64, 48, 32],   # resolutions an image is drawn at before it is upsampled to 64x64
     "batch_size": 128,
-    "lr": 3e-3,
+    "lr": 2e-3,
     "seed": 0,
 }
 EXTRA_SEED = 1_000  # the extra scenes' seed, apart from the generator's roots (0, ...) and the checks'

@@ -25,7 +25,7 @@ from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from lab.config import to_yaml
 from lab.data import is_synthetic, load_condition_sets, load_objects, load_train, normalize, resolve_root
 from lab.errors import UserError
-from lab.eval import ensure_evaluator, for_evaluator, load_evaluator
+from lab.eval import binding_errors, course_accuracy, ensure_evaluator, for_evaluator, load_evaluator
 from lab.grids import label_names_of, labelled_grid, titled_rows
 from lab.metrics import frechet_distance, kernel_distance
 from lab.model_zoo import build_model
@@ -114,7 +114,7 @@ def _prepare(config, config_path, device):
     return Setup(
         config=config, config_path=Path(config_path), device=device, data=data,
         val_labels=load_condition_sets(root, config.eval.split),
-        test_labels={name: load_condition_sets(root, name) for name in config.eval.test_splits},
+        test_labels={name: load_condition_sets(root, name) for name in final_splits(root, config)},
         evaluator=ensure_evaluator(root, config.eval.evaluator, device),
         model=model,
         noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule, config.diffusion.num_train_timesteps,
@@ -171,6 +171,38 @@ def strip_image(model, setup, seed):
                                  generator=torch.Generator(setup.device).manual_seed(seed),
                                  image_size=setup.config.data.image_size)
     return titled_rows(frames.float().transpose(0, 1), STRIP_LABELS)
+
+
+def final_splits(root, config):
+    """The splits scored at the end: eval.test_splits, and the held-out-pairs split where the root has it."""
+    heldout = config.eval.heldout_split
+    extra = [heldout] if heldout and heldout not in config.eval.test_splits and (root / heldout).is_file() else []
+    return [*config.eval.test_splits, *extra]
+
+
+def validate(model, setup, reference_features, step):
+    """Validation over eval.val_seeds sampling seeds: the mean accuracy (it selects best.pt) and its spread,
+    the binding errors of the misses per true label, KID and FD over all samples, seconds per sample.
+    Returns (metrics, the first seed's images)."""
+    labels, seeds = setup.val_labels, setup.config.eval.val_seeds
+    accuracies, errors, images = [], {}, []
+    started = time.perf_counter()
+    for k in range(seeds):
+        batch = generate(model, labels, setup, seed=setup.config.seed + 1_000 * k,
+                         desc=f"validation at step {step}, seed {k + 1}/{seeds}")
+        probs = setup.evaluator.predict(for_evaluator(batch))
+        accuracies.append(course_accuracy(probs, labels.cpu()))
+        for kind, count in binding_errors(probs, labels.cpu(), setup.label_names).items():
+            errors[kind] = errors.get(kind, 0) + count
+        images.append(batch)
+    sample_s = (time.perf_counter() - started) / (seeds * len(labels))
+    features = setup.evaluator.features(for_evaluator(torch.cat(images)))
+    true_labels = float(labels.sum()) * seeds
+    metrics = {"val_accuracy": float(np.mean(accuracies)), "val_accuracy_std": float(np.std(accuracies)),
+               **{f"val_{kind}": errors[kind] / true_labels for kind in ("wrong_colour", "wrong_shape", "both_wrong")},
+               "val_kid": kernel_distance(features, reference_features),
+               "val_fd": frechet_distance(features, reference_features), "sample_s_per_image": sample_s}
+    return metrics, images[0]
 
 
 def real_features(setup, count=2048):
@@ -238,7 +270,7 @@ def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
     device = pick_device(device)
     model, config = load_for_sampling(path, device)
     root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
-    splits = splits or config.eval.test_splits
+    splits = splits or final_splits(root, config)
     setup = Setup(config=config, config_path=Path(path), device=device, data=None, val_labels=None,
                   test_labels={name: load_condition_sets(root, name) for name in splits},
                   evaluator=ensure_evaluator(root, config.eval.evaluator, device), model=model,
@@ -428,16 +460,9 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                 if reference_features is None:
                     reference_features = real_features(setup)
                 sampler_model = sampling_state(model, ema)
-                sampling_started = time.perf_counter()
-                images_val = generate(sampler_model, setup.val_labels, setup, seed=config.seed,
-                                      desc=f"validation at step {step}")
-                sample_s = (time.perf_counter() - sampling_started) / len(images_val)
-                acc = setup.evaluator.accuracy(for_evaluator(images_val), setup.val_labels)
-                features = setup.evaluator.features(for_evaluator(images_val))
-                kid = kernel_distance(features, reference_features)
-                fd = frechet_distance(features, reference_features)
-                tracker.log_metrics({"val_accuracy": acc, "val_kid": kid, "val_fd": fd,
-                                     "sample_s_per_image": sample_s}, step)
+                metrics, images_val = validate(sampler_model, setup, reference_features, step)
+                acc, kid, fd = metrics["val_accuracy"], metrics["val_kid"], metrics["val_fd"]
+                tracker.log_metrics(metrics, step)
                 tracker.log_image(grid_image(images_val, setup.val_labels, setup), "val_samples", step)
                 strip = strip_image(sampler_model, setup, config.seed)
                 if strip is not None:
@@ -447,7 +472,8 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                     save_checkpoint({"model": sampler_model.state_dict(), "config": to_yaml(config), "step": step,
                                  "val_accuracy": acc}, best_path)
                 del sampler_model
-                bar.write(f"step {step}: val accuracy {acc:.3f} (best {best_acc:.3f}), kid {kid:.4f}, fd {fd:.1f}")
+                bar.write(f"step {step}: val accuracy {acc:.3f} ± {metrics['val_accuracy_std']:.3f} over "
+                          f"{config.eval.val_seeds} seeds (best {best_acc:.3f}), kid {kid:.4f}, fd {fd:.1f}")
                 if on_validation is not None:
                     on_validation(step, acc)  # may raise Stop (a pruned trial)
             if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
@@ -466,7 +492,7 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
             status = "FINISHED"
             return {"run_id": None, "steps": step}
         summary = finish(setup, tracker, best_path, best_acc, step)
-        tracker.sync()  # every score is stored before the checkpoint says the run is finished
+        tracker.flush()  # every score is stored before the checkpoint says the run is finished
         save_checkpoint({**load_checkpoint(latest), "finished": True, "summary": summary}, latest)
         status = "FINISHED"
         return summary

@@ -59,6 +59,7 @@ eval:
   steps: 3
   guidance_scale: 2.0
   evaluator: {evaluator}
+  val_seeds: 2
   final_seeds: 2
 """
 

@@ -218,3 +218,25 @@ def test_a_damaged_cached_evaluator_is_trained_again_with_a_notice(tiny_root, mo
     assert isinstance(evaluator, evaluation.Evaluator)
     assert "not a readable evaluator checkpoint" in capsys.readouterr().err
     assert evaluation.load_evaluator(path) is not None  # the cache now holds a good one
+
+
+def test_centre_tap_convolutions_give_the_same_outputs_and_gradients():
+    """The training-time shortcut for 3x3 convolutions on 1x1 maps (layer4 at 32x32 input) changes speed
+    only; at 64x64 input the ordinary convolution runs."""
+    import copy
+
+    from lab.evaluator_training import _centre_tap_forward
+    torch.manual_seed(0)
+    plain = build_resnet()
+    fast = copy.deepcopy(plain)
+    for conv in [m for m in fast.layer4.modules() if isinstance(m, torch.nn.Conv2d)]:
+        if conv.kernel_size == (3, 3) and conv.stride == (1, 1):
+            conv.forward = _centre_tap_forward(conv)
+    x = torch.randn(4, 3, 32, 32)
+    for model in (plain, fast):
+        model.train()
+        model(x).sum().backward()
+    assert torch.allclose(plain(x), fast(x), atol=1e-5)
+    for a, b in zip(plain.parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-3, rtol=1e-3)
+    assert set(plain.state_dict()) == set(fast.state_dict())

@@ -63,7 +63,8 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     assert [m.step for m in val] == [2 * steps_per_epoch, 3 * steps_per_epoch]
     assert all(0 <= m.value <= 1 for m in val)
     for key in ("loss_q1", "loss_q4", "lr", "images_per_s", "val_fd", "val_kid", "test_accuracy", "new_test_accuracy",
-                "test_accuracy_std", "best_val_accuracy"):
+                "test_accuracy_std", "best_val_accuracy", "val_accuracy_std", "val_wrong_colour", "val_wrong_shape",
+                "val_both_wrong", "heldout_test_accuracy"):  # the held-out pairs: scored by default on synthetic roots
         assert key in metrics, key
     artifacts = {a.path for folder in ("", "images", "checkpoints")
                  for a in client.list_artifacts(run.info.run_id, folder or None)}
@@ -72,7 +73,7 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     images = {(Path(a).name.split("+")[0], int(Path(a).name.split("+")[2])) for a in artifacts
               if a.startswith("images/") and a.endswith(".png")}
     assert images == {("val_samples", 14), ("val_samples", 21), ("denoising_strip", 14), ("denoising_strip", 21),
-                      ("test_samples", 21), ("new_test_samples", 21)}
+                      ("test_samples", 21), ("new_test_samples", 21), ("heldout_test_samples", 21)}
     assert Path("runs/tiny/best.pt").is_file() and Path("runs/tiny/latest.pt").is_file()
     # running the same command again does not train again
     assert main([str(tiny_experiment)]) == 0
