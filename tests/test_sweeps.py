@@ -234,9 +234,15 @@ def tiny_sweep(tiny_root, tmp_path, monkeypatch):
 
         def accuracy(images, labels):
             return values[min(next(calls), len(values) - 1)]  # validations first, then the test split
-        setup.evaluator.accuracy = accuracy
+        setup.evaluator.accuracy = accuracy  # what the final test scores call
         return setup
+
+    def validate_with_known_accuracies(model, setup, reference_features, step):
+        metrics, images = validate(model, setup, reference_features, step)
+        return {**metrics, "val_accuracy": setup.evaluator.accuracy(images, setup.val_labels)}, images
+    validate = trainer.validate
     monkeypatch.setattr(trainer, "prepare", prepare_with_known_accuracies)
+    monkeypatch.setattr(trainer, "validate", validate_with_known_accuracies)
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
     threads = torch.get_num_threads()
