@@ -132,11 +132,16 @@ def save_evaluator(model, path):
     atomic_save({"model": model.state_dict()}, path)
 
 
+def resize(images, size):
+    """Bilinear with antialiasing (as PIL's resize): what a root decoded at `size` looks like."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 def for_evaluator(images):
-    """Samples in [-1, 1] at any size -> the evaluator's 64x64 input (bilinear, antialiased)."""
-    if images.shape[-1] != EVALUATOR_SIZE:
-        images = F.interpolate(images, size=EVALUATOR_SIZE, mode="bilinear", antialias=True, align_corners=False)
-    return images.clamp(-1, 1)
+    """Samples in [-1, 1] at any size -> the evaluator's 64x64 input."""
+    return resize(images, EVALUATOR_SIZE).clamp(-1, 1)
 
 
 def default_evaluator_path(root):

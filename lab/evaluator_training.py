@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from lab.data.iclevr import TrainingSet, load_train, normalize
-from lab.eval import (EVALUATOR_SIZE, binding_errors, build_resnet, course_accuracy, for_evaluator,
+from lab.eval import (EVALUATOR_SIZE, binding_errors, build_resnet, course_accuracy, for_evaluator, resize,
                       load_evaluator, per_label_report, save_evaluator)
 
 # Everything that decides what the evaluator learns. Its digest is part of the cache key, so an
@@ -57,13 +57,6 @@ def training_set(root, recipe):
         raise ValueError("the extra scenes' labels differ from the root's")
     return TrainingSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),
                        data.names + extra.names, data.label_names)
-
-
-def resize(x, size):
-    """Bilinear with antialiasing (as PIL's resize): what a root decoded at `size` looks like."""
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def augment(x, generator, size=64, draw_sizes=(64,), shift=4):

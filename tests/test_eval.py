@@ -126,8 +126,8 @@ def test_augment_keeps_colours_and_moves_objects_by_at_most_4_pixels():
 
 
 def test_augment_draws_images_at_low_resolution_like_samples_upsampled_to_64():
-    from lab.eval import for_evaluator
-    from lab.evaluator_training import augment, resize
+    from lab.eval import for_evaluator, resize
+    from lab.evaluator_training import augment
     gen = torch.Generator().manual_seed(0)
     x = torch.zeros(64, 3, 64, 64)
     x[..., ::2, :] = 0.8  # stripes one pixel wide: gone once drawn at 32x32 or 48x48
