@@ -154,8 +154,9 @@ def default_evaluator_path(root):
     return default_cache_dir() / "evaluator" / f"evaluator-{digest.hexdigest()}.pth"
 
 
-def ensure_evaluator(root, checkpoint=None, device="cpu"):
-    """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused."""
+def ensure_evaluator(root, checkpoint=None, device="cpu", tracking_uri=None):
+    """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused. Its
+    training is an MLflow run of the `evaluator` experiment in `tracking_uri` (None: the default store)."""
     if checkpoint:
         return load_evaluator(checkpoint, device)
     path = default_evaluator_path(root)
@@ -164,31 +165,54 @@ def ensure_evaluator(root, checkpoint=None, device="cpu"):
             return load_evaluator(path, device)
         except UserError as e:  # a cache damaged by a crash or a full disk: train it again
             print(f"notice: {e}; training it again", file=sys.stderr, flush=True)
-    from lab.evaluator_training import heldout_check, summary_lines, train_evaluator
     print(f"Training the evaluator on {root} (once; cached at {path})", flush=True)
-    start = time.time()
-    train_evaluator(root, path, device=device)
-    print(f"evaluator trained in {time.time() - start:.0f} s", flush=True)
-    results = heldout_check(path, scenes=300, device=device)
-    write_atomic(json.dumps({case: {"accuracy": r["accuracy"], "images": r["images"],
-                                    "binding_errors": r["binding_errors"]} for case, r in results.items()},
-                            indent=1).encode(), path.with_suffix(".json"))
-    print("\n".join(summary_lines(results)), flush=True)
+    from lab.evaluator_training import summary_lines
+    print("\n".join(summary_lines(train_and_check(root, path, device, tracking_uri, scenes=300))), flush=True)
     return load_evaluator(path, device)
+
+
+def train_and_check(root, out, device, tracking_uri=None, recipe=None, scenes=300):
+    """Train our evaluator into `out` and score it on `scenes` fresh held-out scenes, as one MLflow run;
+    the figures also go to `out` with a .json suffix and to stdout. Returns the held-out results."""
+    from lab.evaluator_training import RECIPE, heldout_check, metric_key, recipe_digest, train_evaluator
+    from lab.tracking import resolve_uri, start_evaluator_run
+    recipe = {**RECIPE, **(recipe or {})}
+    tracker = start_evaluator_run(resolve_uri(tracking_uri), recipe, {
+        "data_root": str(root), "checkpoint": str(out), "recipe_digest": recipe_digest(recipe)})
+    status = "FAILED"
+    try:
+        start = time.time()
+        train_evaluator(root, out, recipe=recipe, device=device, tracker=tracker)
+        seconds = time.time() - start
+        print(f"evaluator trained in {seconds:.0f} s -> {out}", flush=True)
+        results = heldout_check(out, scenes=scenes, device=device)
+        report = {case: {"accuracy": r["accuracy"], "images": r["images"], "binding_errors": r["binding_errors"]}
+                  for case, r in results.items()}
+        write_atomic(json.dumps({"train_seconds": round(seconds), **report}, indent=1).encode(),
+                     Path(out).with_suffix(".json"))
+        tracker.log_metrics({"train_seconds": seconds, **{metric_key(case): r["accuracy"] for case, r in results.items()}},
+                            step=0)
+        tracker.log_artifact(Path(out).with_suffix(".json"))
+        status = "FINISHED"
+        return results
+    finally:
+        tracker.end(status)
 
 
 @reports_user_errors
 def main(argv=None):
     from lab.data import resolve_root
-    from lab.evaluator_training import RECIPE, heldout_check, summary_lines, train_evaluator
+    from lab.evaluator_training import RECIPE, heldout_check, summary_lines
     parser = argparse.ArgumentParser(prog="python -m lab.eval", description="train or check the evaluator")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train our evaluator on a root (default: the synthetic set) and check it")
     train.add_argument("--root", default=None, help="data root (default: the synthetic i-CLEVR set)")
     train.add_argument("--out", default=None, help="checkpoint path (default: the cache)")
-    train.add_argument("--phases", default=None, metavar="SIZE:EPOCHS,...",
-                       help="input size and epochs per phase (default "
-                            + ",".join(f"{s}:{e}" for s, e in RECIPE["phases"]) + ")")
+    train.add_argument("--phases", default=None, metavar="SIZE:IMAGES:LR,...",
+                       help="input size, images seen and peak learning rate per phase (default "
+                            + ",".join(":".join(map(str, phase)) for phase in RECIPE["phases"]) + ")")
+    train.add_argument("--tracking-uri", default=None,
+                       help="MLflow store for the training run (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes")
     check.add_argument("checkpoint")
     for command in (train, check):
@@ -200,27 +224,25 @@ def main(argv=None):
         recipe = {"phases": parse_phases(args.phases)} if args.phases else None
         root = resolve_root(args.root)
         out = Path(args.out) if args.out else default_evaluator_path(root)
-        start = time.time()
-        train_evaluator(root, out, recipe=recipe, device=device)
-        print(f"trained in {time.time() - start:.0f} s -> {out}")
-        checkpoint = out
+        results = train_and_check(root, out, device, args.tracking_uri, recipe, scenes=args.scenes)
     else:
-        checkpoint = args.checkpoint
-    results = heldout_check(checkpoint, scenes=args.scenes, device=device)
-    worst = min(results.values(), key=lambda r: r["accuracy"])
-    print(worst["per_label"].to_string(index=False, float_format="%.3f"))
+        results = heldout_check(args.checkpoint, scenes=args.scenes, device=device)
+    worst = min(results, key=lambda case: results[case]["accuracy"])
+    print(f"per label, {worst}:")
+    print(results[worst]["per_label"].to_string(index=False, float_format="%.3f"))
     print("\n".join(summary_lines(results)))
     return 0
 
 
 def parse_phases(text):
-    """'32:5,64:2' -> [[32, 5], [64, 2]]"""
+    """'32:90000:2e-3,64:20000:1e-3' -> [[32, 90000, 0.002], [64, 20000, 0.001]]"""
     try:
-        phases = [[int(v) for v in part.split(":")] for part in text.split(",")]
+        phases = [[int(size), int(images), float(lr)] for size, images, lr in (part.split(":") for part in text.split(","))]
     except ValueError:
         phases = None
-    if not phases or any(len(p) != 2 or p[0] < 16 or p[1] < 1 for p in phases):
-        raise UserError("--phases", f"expected SIZE:EPOCHS,... with sizes >= 16 and epochs >= 1, got {text!r}")
+    if not phases or any(size < 16 or images < 1 or not 0 < lr < 1 for size, images, lr in phases):
+        raise UserError("--phases", "expected SIZE:IMAGES:LR,... with sizes >= 16, images >= 1 and 0 < lr < 1, "
+                                    f"got {text!r}")
     return phases
 
 

@@ -9,6 +9,7 @@ happen, images with a key and a step (the run's charts show them with a step sli
 from its own monitor, and experiments tagged as model training.
 """
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -148,6 +149,23 @@ def log_compare_run(client, experiment, files, table_markdown, filter_string=Non
     client.log_text(run_id, table_markdown, "table.md")
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+EVALUATOR_EXPERIMENT = "evaluator"  # trainings of our evaluator: apart, so compare.py never tables them with generators
+
+
+def start_evaluator_run(uri, recipe, tags):
+    """A run in the `evaluator` experiment for one training of our evaluator: the recipe as params,
+    `tags` (data root, checkpoint, recipe digest), system metrics. Returns its Tracker."""
+    tracker = Tracker(uri)
+    name = f"evaluator-{tags.get('recipe_digest', '')}".rstrip("-")
+    tracker.run_id = tracker.client.create_run(
+        experiment_id(tracker.client, EVALUATOR_EXPERIMENT), run_name=name,
+        tags=run_context_tags({"mlflow.runName": name, **tags})).info.run_id
+    tracker.client.log_batch(tracker.run_id, params=[Param(k, json.dumps(v)[:MAX_PARAM_LENGTH])
+                                                     for k, v in recipe.items()])
+    tracker.start_system_metrics()
+    return tracker
 
 
 class Tracker:

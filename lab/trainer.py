@@ -115,7 +115,7 @@ def _prepare(config, config_path, device):
         config=config, config_path=Path(config_path), device=device, data=data,
         val_labels=load_condition_sets(root, config.eval.split),
         test_labels={name: load_condition_sets(root, name) for name in final_splits(root, config)},
-        evaluator=ensure_evaluator(root, config.eval.evaluator, device),
+        evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri),
         model=model,
         noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule, config.diffusion.num_train_timesteps,
                                              config.diffusion.prediction_type),
@@ -273,7 +273,7 @@ def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
     splits = splits or final_splits(root, config)
     setup = Setup(config=config, config_path=Path(path), device=device, data=None, val_labels=None,
                   test_labels={name: load_condition_sets(root, name) for name in splits},
-                  evaluator=ensure_evaluator(root, config.eval.evaluator, device), model=model,
+                  evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri), model=model,
                   noise_scheduler=make_noise_scheduler(config.diffusion.beta_schedule,
                                                        config.diffusion.num_train_timesteps,
                                                        config.diffusion.prediction_type),

@@ -1,5 +1,7 @@
 """The evaluator: the course's accuracy rule, its checkpoint format, the error breakdowns."""
 
+import json
+
 import pytest
 import torch
 
@@ -144,36 +146,63 @@ def test_train_evaluator_writes_the_course_format_and_learns(tiny_root, tmp_path
     from lab.eval import main
     from lab.evaluator_training import train_evaluator
     log = []
-    recipe = {"phases": [[32, 2], [64, 2]], "batch_size": 16, "extra_scenes": 0}
+    recipe = {"phases": [[32, 64, 2e-3], [64, 32, 1e-3]], "batch_size": 16, "extra_scenes": 0,
+              "recalibrate_images": 32}
     out = train_evaluator(tiny_root, tmp_path / "ours.pth", recipe=recipe, log=log.append)
-    assert [line.split(":")[0] for line in log] == [f"evaluator epoch {e}/4 at {s}x{s}"
-                                                    for e, s in ((1, 32), (2, 32), (3, 64), (4, 64))]
-    losses = [float(line.split("loss ")[1].split()[0]) for line in log]
-    assert losses[-1] < losses[0]
+    assert [line.split(":")[0] for line in log] == ["evaluator phase 1/2 at 32x32", "evaluator phase 2/2 at 64x64"]
+    assert "64 images, mean loss" in log[0] and "32 images, mean loss" in log[1]
     state = torch.load(out, weights_only=True)
     assert list(state) == ["model"] and state["model"]["fc.0.weight"].shape == (24, 512)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.pth"]
-    # the check command renders fresh scenes and prints the figures a user reads
+    # the check command renders fresh scenes and prints the figures a user reads, last
     assert main(["check", str(out), "--scenes", "4"]) == 0
-    printed = capsys.readouterr().out
-    for case in ("1-3 objects, 64x64", "1-3 objects, 32->64", "1-3 objects, 32->64 PIL", "4-5 objects, 64x64",
-                 "4-5 objects, 32->64"):
-        assert f"held-out accuracy {case}: " in printed
-    assert "on 12 fresh images (misses: " in printed and "wrong colour" in printed
+    printed = capsys.readouterr().out.splitlines()
+    cases = ("1-3 objects, 64x64", "1-3 objects, 32->64", "1-3 objects, 32->64 PIL", "4-5 objects, 64x64",
+             "4-5 objects, 32->64")
+    assert [line.split(":")[0] for line in printed[-5:]] == [f"held-out accuracy {case}" for case in cases]
+    assert "on 12 fresh images (misses: " in printed[-5] and "wrong colour" in printed[-5]
+
+
+def test_evaluator_training_is_an_mlflow_run_of_its_own(tiny_root, tmp_path, monkeypatch, capsys):
+    """`python -m lab.eval train` logs the recipe, the loss curve and the held-out figures to the
+    `evaluator` experiment, apart from the generators' runs."""
+    from mlflow.tracking import MlflowClient
+
+    from lab import evaluator_training
+    from lab.eval import main
+    monkeypatch.setitem(evaluator_training.RECIPE, "extra_scenes", 0)
+    monkeypatch.setitem(evaluator_training.RECIPE, "batch_size", 8)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "ours.pth"
+    assert main(["train", "--root", str(tiny_root), "--out", str(out), "--phases", "32:320:2e-3,64:16:1e-3",
+                 "--scenes", "4", "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("held-out accuracy 4-5 objects, 32->64: ")
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("evaluator").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(out)
+    assert json.loads(run.data.params["phases"]) == [[32, 320, 2e-3], [64, 16, 1e-3]]
+    assert "mlflow.source.git.commit" in run.data.tags
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) >= 3 and [m.step for m in losses] == sorted(m.step for m in losses)
+    assert {"heldout/1-3 objects 64x64", "heldout/1-3 objects 32 to 64 PIL", "heldout/4-5 objects 32 to 64",
+            "train_seconds"} <= set(run.data.metrics)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["1-3 objects, 64x64"]["accuracy"] == run.data.metrics["heldout/1-3 objects 64x64"]
 
 
 def test_the_cache_key_changes_with_the_recipe(tiny_root, monkeypatch):
     from lab import evaluator_training
     from lab.eval import default_evaluator_path
     before = default_evaluator_path(tiny_root)
-    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[64, 1]])
+    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[64, 1, 1e-3]])
     assert default_evaluator_path(tiny_root) != before
 
 
 def test_bad_phases_fail_in_one_line(capsys):
     from lab.eval import main
-    assert main(["train", "--phases", "32:x"]) == 1
-    assert capsys.readouterr().err.strip() == "error: --phases: expected SIZE:EPOCHS,... with sizes >= 16 and epochs >= 1, got '32:x'"
+    assert main(["train", "--phases", "32:100"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --phases: expected SIZE:IMAGES:LR,... with sizes >= 16, "
+                                               "images >= 1 and 0 < lr < 1, got '32:100'")
 
 
 @pytest.mark.slow
@@ -191,7 +220,7 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
     from lab.eval import for_evaluator
     from lab.evaluator_training import train_evaluator
     root = write_root(tmp_path / "train", scenes=300, seed=5, objects=5, workers=2, progress=False)
-    recipe = {"phases": [[32, 6], [64, 1]], "batch_size": 64, "extra_scenes": 0}
+    recipe = {"phases": [[32, 9000, 2e-3], [64, 1500, 1e-3]], "batch_size": 64, "extra_scenes": 0}
     path = train_evaluator(root, tmp_path / "checkpoint.pth", recipe=recipe, log=lambda line: None)
     course = torchvision.models.resnet18(weights=None)  # the course's evaluation_model.__init__
     course.fc = nn.Sequential(nn.Linear(512, 24), nn.Sigmoid())
@@ -208,8 +237,9 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
 def test_a_damaged_cached_evaluator_is_trained_again_with_a_notice(tiny_root, monkeypatch, capsys):
     from lab import eval as evaluation
     from lab import evaluator_training
-    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[32, 1]])
+    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[32, 60, 1e-3]])
     monkeypatch.setitem(evaluator_training.RECIPE, "extra_scenes", 0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_root.parent / 'evaluator-mlflow.db'}")
     monkeypatch.setattr(evaluator_training, "heldout_check", lambda path, scenes, device: {})
     path = evaluation.default_evaluator_path(tiny_root)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,12 @@ for compositional generalisation).
 import json
 import os
 import shutil
-import time
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from lab.data.iclevr import default_cache_dir
 from lab.data.render import COLORS, SHAPES, render_scene, sample_scene
@@ -124,13 +124,13 @@ def write_root(out, scenes=6003, seed=0, width=320, height=240, workers=None, pr
     train, splits = make_splits(seed, scenes, objects)
     names = [f"CLEVR_train_{scene:06d}" for scene in range(scenes)]
     jobs = [(partial / "iclevr", names[s], seed, s, train[s], width, height) for s in range(scenes)]
-    start = time.time()
     workers = workers or os.cpu_count() or 1
     try:
-        with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-            for done, _ in enumerate(pool.imap_unordered(_render_scene_files, jobs, chunksize=16), 1):
-                if progress and (done % 500 == 0 or done == scenes):
-                    print(f"rendered {done}/{scenes} scenes ({time.time() - start:.0f} s)", flush=True)
+        with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool, \
+                tqdm(total=scenes, desc=f"rendering {out.name}", unit="scene", mininterval=1,
+                     disable=None if progress else True) as bar:
+            for _ in pool.imap_unordered(_render_scene_files, jobs, chunksize=16):
+                bar.update()
     except BaseException:  # an interrupted render leaves nothing behind
         shutil.rmtree(partial, ignore_errors=True)
         raise
