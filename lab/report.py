@@ -19,6 +19,7 @@ import pandas as pd
 
 from lab.config import ExperimentConfig, flatten
 from lab.errors import UserError
+from lab.stats import CONFIDENCE, difference_interval, mean_interval, within_noise
 from lab.tracking import COMPARE_TAG, check_reachable, log_compare_run, resolve_uri
 
 DEFAULT_METRIC = "best_val_accuracy"
@@ -144,9 +145,17 @@ def reported_test_metrics(runs):
     return first + sorted(set(found) - set(first))
 
 
+# Validation figures reported beside the ranking metric when the runs have them: the binding errors of
+# the last validation (shares of the true labels missed) and the sampler's time per image.
+BESIDE = ("val_wrong_colour", "val_wrong_shape", "val_both_wrong", "sample_s_per_image")
+
+
 def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
-    """One row per group: its keys, `<metric>_mean/_std` and n over the group's runs (seeds), the test
-    scores' mean/std (reported only), and `best` on the row with the best validation mean.
+    """One row per group: its keys, `<metric>_mean/_std` and n over the group's runs (seeds), the binding
+    errors and sampling time, the test scores' mean/std (reported only), and `best` on the row with the
+    best validation mean. The metric also gets its 95% t interval (`_low/_high`) and, when a `base` row
+    exists, each row's difference to it with a Welch interval (`vs_base`, `vs_base_low/_high`) and
+    `within_noise` where that interval contains 0.
 
     group_by ("ablation",): a row per configuration (runs that differ only in seed), labelled by its axis
     and the config keys that vary across the runs. Other keys (params or tags): a row per distinct value.
@@ -161,8 +170,8 @@ def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
         keys = list(dict.fromkeys(group_by))
         columns = [resolve_key(runs, k) for k in keys]
     frame = runs[columns].fillna("").astype(str).set_axis(keys, axis=1)
-    reported = reported_test_metrics(runs)
-    stats = [metric, *reported]
+    beside = [name for name in BESIDE if f"metrics.{name}" in runs.columns and name != metric]
+    stats = [metric, *beside, *reported_test_metrics(runs)]
     for name in stats:
         frame[name] = runs[f"metrics.{name}"]
     grouped = frame.groupby(keys, sort=False, dropna=False)
@@ -176,6 +185,22 @@ def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
     table["best"] = False
     if means.notna().any():
         table.loc[means.idxmin() if lower_is_better(metric) else means.idxmax(), "best"] = True
+    return add_intervals(table, frame, keys, metric)
+
+
+def add_intervals(table, frame, keys, metric):
+    """The metric's t interval per row and, against the `base` row, Welch intervals of the differences."""
+    samples = {k if isinstance(k, tuple) else (k,): list(group[metric])
+               for k, group in frame.groupby(keys, sort=False, dropna=False)}
+    values = [samples[tuple(row[k] for k in keys)] for _, row in table.iterrows()]
+    table[f"{metric}_low"] = [mean_interval(v)[2] for v in values]
+    table[f"{metric}_high"] = [mean_interval(v)[3] for v in values]
+    base = table.index[table["ablation"] == "base"] if "ablation" in keys else []
+    if len(base) == 1:
+        differences = [difference_interval(v, values[base[0]]) for v in values]
+        table["vs_base"], table["vs_base_low"], table["vs_base_high"] = (list(c) for c in zip(*differences))
+        table["within_noise"] = [within_noise(low, high) for _, low, high in differences]
+        table.loc[base[0], ["vs_base", "vs_base_low", "vs_base_high", "within_noise"]] = [math.nan] * 3 + [False]
     return table
 
 
@@ -202,20 +227,33 @@ def _number(x):
     return f"{x:.3f}" if x == 0 or abs(x) >= 0.0005 else f"{x:.1e}"  # 3 decimals unless they would read 0.000
 
 
-def display_rows(table, pm="±", bold=lambda s: f"**{s}**"):
-    """Header and rows of strings: keys, `mean ± std` cells (std left out for n = 1), n; best metric in bold."""
+def _interval(low, high):
+    return "" if pd.isna(low) or pd.isna(high) else f" [{_number(low)}, {_number(high)}]"
+
+
+def display_rows(table, pm="±", bold=lambda s: f"**{s}**", noise="(noise)"):
+    """Header and rows of strings: keys, `mean ± std [95% interval]` for the metric (std and interval left
+    out for n = 1), n, the difference to base with its interval (`noise` marks one within noise), then
+    `mean ± std` of the other figures; the best metric in bold."""
     keys = label_columns(table)
     stats = [c.removesuffix("_mean") for c in table.columns if c.endswith("_mean")]
-    header = [*keys, stats[0], "n", *stats[1:]]
+    versus = ["vs base"] if "vs_base" in table.columns else []
+    header = [*keys, stats[0], "n", *versus, *stats[1:]]
     rows = []
     for _, row in table.iterrows():
         cells = {}
         for name in stats:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
             cells[name] = _number(mean) + ("" if pd.isna(std) or pd.isna(mean) else f" {pm} {_number(std)}")
+        cells[stats[0]] += _interval(row.get(f"{stats[0]}_low"), row.get(f"{stats[0]}_high"))
         if row["best"]:
             cells[stats[0]] = bold(cells[stats[0]])
-        rows.append([*(str(row[k]) for k in keys), cells[stats[0]], str(row["n"]), *(cells[s] for s in stats[1:])])
+        if versus:
+            difference = "" if pd.isna(row["vs_base"]) else f"{row['vs_base']:+.3f}"
+            cells["vs base"] = (difference + _interval(row["vs_base_low"], row["vs_base_high"])
+                                + (f" {noise}" if difference and row["within_noise"] else ""))
+        rows.append([*(str(row[k]) for k in keys), cells[stats[0]], str(row["n"]),
+                     *(cells[v] for v in versus), *(cells[s] for s in stats[1:])])
     return header, rows
 
 

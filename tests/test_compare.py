@@ -87,19 +87,20 @@ def run_cli(capsys, *argv):
 
 
 MARKDOWN = """\
-| ablation     | model.conditioning | eval.sampler | eval.steps | best_val_accuracy |   n | test_accuracy | new_test_accuracy |
-| ------------ | ------------------ | ------------ | ---------- | ----------------: | --: | ------------: | ----------------: |
-| base         | time_add           | ddim         | 50         |     0.520 ± 0.020 |   3 | 0.470 ± 0.020 |     0.420 ± 0.020 |
-| conditioning | adagn              | ddim         | 50         | **0.610 ± 0.010** |   3 | 0.310 ± 0.010 |     0.210 ± 0.010 |
-| sampler      | time_add           | dpmsolver++  | 20         |     0.420 ± 0.020 |   3 | 0.933 ± 0.049 |     0.900 ± 0.050 |
+| ablation     | model.conditioning | eval.sampler | eval.steps |                best_val_accuracy |   n |                 vs base | sample_s_per_image | test_accuracy | new_test_accuracy |
+| ------------ | ------------------ | ------------ | ---------- | -------------------------------: | --: | ----------------------: | -----------------: | ------------: | ----------------: |
+| base         | time_add           | ddim         | 50         |     0.520 ± 0.020 [0.470, 0.570] |   3 |                         |      0.100 ± 0.000 | 0.470 ± 0.020 |     0.420 ± 0.020 |
+| conditioning | adagn              | ddim         | 50         | **0.610 ± 0.010 [0.585, 0.635]** |   3 |   +0.090 [0.048, 0.132] |      0.120 ± 0.000 | 0.310 ± 0.010 |     0.210 ± 0.010 |
+| sampler      | time_add           | dpmsolver++  | 20         |     0.420 ± 0.020 [0.370, 0.470] |   3 | -0.100 [-0.145, -0.055] |      0.040 ± 0.000 | 0.933 ± 0.049 |     0.900 ± 0.050 |
 """
 
 CSV = """\
 ablation,model.conditioning,eval.sampler,eval.steps,best_val_accuracy_mean,best_val_accuracy_std,n,\
-test_accuracy_mean,test_accuracy_std,new_test_accuracy_mean,new_test_accuracy_std,best
-base,time_add,ddim,50,0.52,0.02,3,0.47,0.02,0.42,0.02,False
-conditioning,adagn,ddim,50,0.61,0.01,3,0.31,0.01,0.21,0.01,True
-sampler,time_add,dpmsolver++,20,0.42,0.02,3,0.933333,0.0493288,0.9,0.05,False
+sample_s_per_image_mean,sample_s_per_image_std,test_accuracy_mean,test_accuracy_std,new_test_accuracy_mean,\
+new_test_accuracy_std,best,best_val_accuracy_low,best_val_accuracy_high,vs_base,vs_base_low,vs_base_high,within_noise
+base,time_add,ddim,50,0.52,0.02,3,0.1,0,0.47,0.02,0.42,0.02,False,0.470317,0.569683,,,,False
+conditioning,adagn,ddim,50,0.61,0.01,3,0.12,0,0.31,0.01,0.21,0.01,True,0.585159,0.634841,0.09,0.048446,0.131554,False
+sampler,time_add,dpmsolver++,20,0.42,0.02,3,0.04,0,0.933333,0.0493288,0.9,0.05,False,0.370317,0.469683,-0.1,-0.145339,-0.0546608,False
 """
 
 
@@ -120,9 +121,10 @@ def test_csv_table(store_uri, capsys):
 def test_latex_table(store_uri, capsys):
     code, out, _ = run_cli(capsys, "--format", "latex")
     assert code == 0
-    assert out.startswith("\\begin{tabular}{llllrrrr}\n\\toprule\n")
-    assert "ablation & model.conditioning & eval.sampler & eval.steps & best\\_val\\_accuracy & n" in out
-    assert "conditioning & adagn & ddim & 50 & \\textbf{0.610 $\\pm$ 0.010} & 3 & 0.310 $\\pm$ 0.010" in out
+    assert out.startswith("\\begin{tabular}{llllrrrrrr}\n\\toprule\n")
+    assert "ablation & model.conditioning & eval.sampler & eval.steps & best\\_val\\_accuracy & n & vs base" in out
+    assert ("conditioning & adagn & ddim & 50 & \\textbf{0.610 $\\pm$ 0.010 [0.585, 0.635]} & 3 & +0.090 [0.048, 0.132] "
+            "& 0.120 $\\pm$ 0.000 & 0.310 $\\pm$ 0.010") in out
     assert out.endswith("\\bottomrule\n\\end{tabular}\n")
 
 
@@ -140,8 +142,26 @@ def test_group_by_params_and_filter(store_uri, capsys):
     # a filter keeps the sampler runs; nothing varies among them, so only the axis is shown
     code, out, _ = run_cli(capsys, "--filter", "tags.ablation = 'sampler'")
     assert code == 0
-    assert out.splitlines()[0] == "| ablation | best_val_accuracy |   n | test_accuracy | new_test_accuracy |"
-    assert out.splitlines()[2] == "| sampler  | **0.420 ± 0.020** |   3 | 0.933 ± 0.049 |     0.900 ± 0.050 |"
+    # and without a base row there is no difference to state
+    assert out.splitlines()[0] == ("| ablation |                best_val_accuracy |   n | sample_s_per_image | test_accuracy "
+                                   "| new_test_accuracy |")
+    assert out.splitlines()[2] == ("| sampler  | **0.420 ± 0.020 [0.370, 0.470]** |   3 |      0.040 ± 0.000 | 0.933 ± 0.049 "
+                                   "|     0.900 ± 0.050 |")
+
+
+def test_a_difference_within_noise_is_marked():
+    """Two rows whose seeds overlap: the Welch interval of their difference contains 0 and says so."""
+    import pandas as pd
+    runs = pd.DataFrame({"run_id": list("abcdef"), "ablation": ["base"] * 3 + ["ema"] * 3,
+                         "params.train.ema.enabled": ["True"] * 3 + ["False"] * 3,
+                         "metrics.best_val_accuracy": [0.50, 0.56, 0.53, 0.52, 0.58, 0.49],
+                         "metrics.val_wrong_colour": [0.2, 0.2, 0.2, 0.3, 0.3, 0.3]})
+    table = report.ablation_table(runs)
+    assert table["within_noise"].tolist() == [False, True]
+    assert table["vs_base"][1] == pytest.approx(0.0)
+    header, *rows = report.render(table).splitlines()
+    assert "vs base" in header and "val_wrong_colour" in header
+    assert rows[-1].split("|")[5].strip() == "+0.000 [-0.094, 0.094] (noise)"  # Welch: 3.45 df, half-width 2.98 x 0.0316
 
 
 def test_best_is_chosen_by_validation_never_by_test(store, store_uri, capsys):
