@@ -27,13 +27,15 @@ test-fast: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) run_experiment.py experiments/quickstart.yaml
 
-# The whole ablation suite at GPU scale (base + every file in experiments/ablations/, over SEEDS),
-# then the table and charts. Re-running resumes interrupted runs and skips finished ones.
+# The whole ablation suite (base + every file in experiments/ablations/, over SEEDS) on the preset BASE
+# (base.yaml: GPU scale; experiments/cpu.yaml: the CPU preset), then the table and charts of that preset's
+# MLflow experiment. Re-running resumes interrupted runs and skips finished ones.
 SEEDS ?= 0 1 2
+BASE ?= experiments/base.yaml
 ablations: $(VENV)/.installed
-	$(PY) run_experiment.py experiments/base.yaml --seeds $(SEEDS)
-	for f in experiments/ablations/*.yaml; do $(PY) run_experiment.py $$f --seeds $(SEEDS) || exit 1; done
-	$(PY) compare.py --experiment iclevr-ablations --charts
+	$(PY) run_experiment.py $(BASE) --seeds $(SEEDS)
+	for f in experiments/ablations/*.yaml; do $(PY) run_experiment.py $$f --base $(BASE) --seeds $(SEEDS) || exit 1; done
+	$(PY) compare.py --experiment "$$($(PY) run_experiment.py $(BASE) --dry-run | sed -n 's/^experiment: //p')" --charts
 
 clean:
 	rm -rf .pytest_cache *.egg-info mlflow.db mlruns mlartifacts optuna.db runs

@@ -16,6 +16,8 @@ def parse_args(argv=None):
     parser.add_argument("config", help="an experiment YAML (experiments/base.yaml, an ablation, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a dotted key, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--base", metavar="FILE", help="apply the config's changes to this base instead of the one "
+                        "it names (an ablation at another scale: --base experiments/cpu.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="check the config and its inputs as a run would (loading no data), print it as YAML and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="repeat over these seeds (overrides `seeds:`)")
     parser.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint and start over")
@@ -32,10 +34,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if "sweep" in read_yaml(args.config):
+        if args.base:
+            raise UserError("--base", "not for sweep files (a sweep names its base config itself)")
         return run_sweep(args)
+    if args.base and "sweep" in read_yaml(args.base):
+        raise UserError("--base", f"{args.base} is a sweep file; --base takes an experiment config")
     if args.n_trials is not None or args.storage is not None:
         raise UserError("--n-trials/--storage", f"only for sweep files; {args.config} has no `sweep:` key")
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, base=args.base)
     seeds = args.seeds or config.seeds
     if args.dry_run:
         from lab.trainer import check_inputs  # the checks a run makes before loading data, loading none

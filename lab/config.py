@@ -156,6 +156,7 @@ class EvalConfig(Section):
 class ExperimentConfig(Section):
     experiment: str = "ddpm-lab"         # MLflow experiment name
     run_name: Optional[str] = None       # default: the config file's stem
+    preset: str = "base"                 # the scale (base, quickstart, cpu): ablations inherit it; tables never mix two
     ablation: str = "base"               # the axis this file varies (a tag for compare.py)
     seed: int = 0
     seeds: Optional[list[int]] = None    # repeat the experiment over these seeds (one run each)
@@ -270,10 +271,16 @@ def _prefixes(dotted):
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-def load_config(path, overrides=()):
-    """Resolve a config file, its bases and `--set` overrides into a validated ExperimentConfig."""
+def load_config(path, overrides=(), base=None):
+    """Resolve a config file, its bases and `--set` overrides into a validated ExperimentConfig. `base`
+    replaces the base the file names: an ablation's delta applied to another preset (e.g. cpu.yaml)."""
     origin = {}
-    raw = load_layers(path, origin)
+    if base is None:
+        raw = load_layers(path, origin)
+    else:
+        content = read_yaml(path)
+        content.pop("base", None)
+        raw = deep_merge(load_layers(base, origin), content, origin, Path(path).resolve())
     for assignment in overrides:
         keys, value = parse_set(assignment)
         raw = deep_merge(raw, nested(keys, value), origin, "--set")

@@ -25,7 +25,7 @@ from lab.tracking import COMPARE_TAG, check_reachable, log_compare_run, resolve_
 DEFAULT_METRIC = "best_val_accuracy"
 DEFAULT_GROUP_BY = ("ablation",)
 # Params that differ between the seeds of one configuration, or only say where things go: never a table column.
-RUN_KEYS = {"experiment", "run_name", "ablation", "seed", "seeds", "tracking_uri", "output_dir"}
+RUN_KEYS = {"experiment", "run_name", "ablation", "seed", "seeds", "tracking_uri", "output_dir", "preset"}
 LOWER_IS_BETTER = ("val_fd", "val_kid", "loss", "sample_s_per_image")
 CONFIG_ORDER = list(flatten(ExperimentConfig()))  # columns follow the schema: model.*, diffusion.*, train.*, eval.*
 
@@ -163,6 +163,10 @@ def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
     if is_test_metric(metric):
         raise UserError("--metric", f"{metric!r} is a test metric; tables are ranked by a validation metric")
     runs = runs.dropna(subset=[metric_column(runs, metric)])  # a run without the metric is no data point here
+    presets = sorted(runs["params.preset"].dropna().unique()) if "params.preset" in runs.columns else []
+    if len(presets) > 1:
+        raise UserError("--filter", f"these runs come from {len(presets)} presets ({', '.join(presets)}); a table "
+                                    f"compares one scale: add --filter \"params.preset = '{presets[0]}'\"")
     if list(group_by) == ["ablation"]:
         keys = ["ablation", *varying_params(runs)]
         columns = ["ablation", *[f"params.{k}" for k in keys[1:]]]

@@ -294,3 +294,12 @@ def test_final_test_on_a_real_tiny_checkpoint(tiny_experiment, capsys):
         assert 0 <= run.data.metrics[f"final_{split}_accuracy"] <= 1
         assert f"  {split}.json " in out
     assert run.data.tags["final_test_seeds"] == "2"
+
+
+def test_runs_of_two_presets_are_never_tabled_together():
+    import pandas as pd
+    runs = pd.DataFrame({"run_id": list("abcd"), "ablation": ["base"] * 4, "params.preset": ["base", "base", "cpu", "cpu"],
+                         "metrics.best_val_accuracy": [0.5, 0.6, 0.2, 0.3]})
+    with pytest.raises(report.UserError, match="2 presets \\(base, cpu\\).*params.preset = 'base'"):
+        report.ablation_table(runs)
+    assert report.ablation_table(runs[runs["params.preset"] == "cpu"])["n"].tolist() == [2]

@@ -90,3 +90,27 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert printed["model"]["conditioning"] == "cross_attn" and printed["model"]["unet"] == "reference"
     assert main([str(EXPERIMENTS / "base.yaml"), "--dry-run", "--set", "train.lrr=1"]) == 1
     assert capsys.readouterr().err.strip() == "error: --set: train.lrr: unknown key (a typo?)"
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_ablation_applies_to_the_quickstart_preset(path):
+    """--base swaps the preset under an ablation: its delta over the quickstart's settings, the quickstart's
+    preset and experiment (so its runs never sit in the GPU-scale table)."""
+    quickstart = flatten(load_config(EXPERIMENTS / "quickstart.yaml"))
+    config = flatten(load_config(path, base=EXPERIMENTS / "quickstart.yaml"))
+    delta = flatten(read_yaml(path))
+    for key, value in config.items():
+        expected = delta.get(key, quickstart[key]) if key != "run_name" else path.stem
+        assert value == expected, key
+    assert (config["preset"], config["experiment"]) == ("quickstart", "quickstart")
+
+
+def test_base_option_on_the_command_line(capsys):
+    from run_experiment import main
+    ablation = str(EXPERIMENTS / "ablations" / "ema_off.yaml")
+    assert main([ablation, "--base", str(EXPERIMENTS / "quickstart.yaml"), "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["preset"], printed["data"]["image_size"], printed["train"]["ema"]["enabled"]) == ("quickstart", 32, False)
+    sweep = str(EXPERIMENTS / "sweeps" / "quick_lr.yaml")
+    assert main([ablation, "--base", sweep, "--dry-run"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --base: {sweep} is a sweep file; --base takes an experiment config"
