@@ -114,7 +114,22 @@ def run_context_tags(tags):
     dirty = git_dirty(folder) if MLFLOW_GIT_COMMIT in resolved else None
     if dirty is not None:
         resolved["git_dirty"] = str(dirty).lower()
+    resolved.setdefault("machine", machine())
     return resolved
+
+
+def machine():
+    """What ran it, for every figure a report quotes: the GPU's name, or the CPU model, cores and torch threads."""
+    import platform
+
+    import torch
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name()}"
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def git_dirty(folder):
