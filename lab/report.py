@@ -200,7 +200,7 @@ def add_intervals(table, frame, keys, metric):
     table[f"{metric}_low"] = [mean_interval(v)[2] for v in values]
     table[f"{metric}_high"] = [mean_interval(v)[3] for v in values]
     base = table.index[table["ablation"] == "base"] if "ablation" in keys else []
-    if len(base) == 1:
+    if len(base) == 1 and len(table) > 1:
         differences = [difference_interval(v, values[base[0]]) for v in values]
         table["vs_base"], table["vs_base_low"], table["vs_base_high"] = (list(c) for c in zip(*differences))
         table["within_noise"] = [within_noise(low, high) for _, low, high in differences]

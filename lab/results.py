@@ -44,6 +44,9 @@ def curve_chart(curves, path, title, metric=CURVE_METRIC):
     for name, curve in curves.groupby("run_name", sort=True):
         by_images.plot(curve["images"] / 1000, curve[metric], marker="o", ms=3, label=name)
         by_minutes.plot(curve["minutes"], curve[metric], marker="o", ms=3, label=name)
+    by_images.set_ylim(0, 1)  # accuracies on their whole scale: small gains look small
+    by_images.set_xlim(left=0)
+    by_minutes.set_xlim(left=0)
     by_images.set_xlabel("training images seen (thousands)")
     by_minutes.set_xlabel("minutes since the run started (training and its validations)")
     by_images.set_ylabel(f"{metric} (mean over the validation's sampling seeds)")
@@ -65,7 +68,7 @@ def section(client, experiment, out_dir, notes_dir, metric=DEFAULT_METRIC):
         lines += [(Path(notes_dir) / f"{experiment}.md").read_text().strip(), ""]
     found = machines(runs)
     first, last = (pd.to_datetime(runs["start_time"].agg(edge), unit="ms") for edge in ("min", "max"))
-    lines += [f"{len(runs)} finished runs" + (f" on {'; '.join(found)}" if found else "") + ", started from "
+    lines += [f"{len(runs)} finished run{'s' if len(runs) != 1 else ''}" + (f" on {'; '.join(found)}" if found else "") + ", started from "
               f"{first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC.", ""]
     table = ablation_table(runs, metric=metric)
     lines += [render(table, "markdown"), ""]
