@@ -96,10 +96,16 @@ def tiny_template():
 
 
 @pytest.fixture
-def tiny_experiment(write_tiny_config, tmp_path, monkeypatch):
+def tmp_workdir(tmp_path, monkeypatch):
+    """The test's tmp_path as working directory, with an MLflow store of its own there."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return write_tiny_config(tmp_path / "tiny.yaml")
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_experiment(write_tiny_config, tmp_workdir):
+    return write_tiny_config(tmp_workdir / "tiny.yaml")
 
 
 # A tiny base config for sweeps: every epoch validates on new_test.json (32 label sets instead of val.json's
@@ -149,10 +155,16 @@ def postgres_programs():
     return None
 
 
-def free_port():
+def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port on loopback that nothing listens on."""
+    return _free_port()
 
 
 def skip_or_fail(reason):
@@ -179,7 +191,7 @@ def postgres_url():
     folder = Path(tempfile.mkdtemp(prefix="ddpm-lab-postgres-"))  # not under pytest's root-only folders
     if as_user:
         shutil.chown(folder, as_user[2])
-    port, data = free_port(), str(folder / "data")
+    port, data = _free_port(), str(folder / "data")
 
     def pg(*args, check=True):  # in `folder`: the server's user may not enter the working directory
         return subprocess.run(as_user + list(args), cwd=folder, check=check, capture_output=True, text=True)

@@ -49,12 +49,6 @@ sweep:
 GONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def create_database(server_url, name):
     """A new database on the throwaway server; its URL, plain `postgresql://` (psycopg 3, as installed)."""
     import psycopg
@@ -127,9 +121,9 @@ def processes(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(databases, processes, tmp_path):
+def mlflow_server(databases, processes, tmp_path, free_port):
     """`mlflow server` on loopback, runs in PostgreSQL, artifacts in a folder; its http:// URI."""
-    port = free_port()
+    port = free_port
     server = processes.start("mlflow-server", [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", databases["mlflow"],
         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),

@@ -195,9 +195,7 @@ ACCURACIES = {0: [0.5, 0.6], 1: [0.1, 0.9], 2: [0.7, 0.8], 3: RuntimeError("data
 
 
 @pytest.fixture
-def tiny_sweep(tiny_sweep_base, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def tiny_sweep(tiny_sweep_base, tmp_workdir, tmp_path, monkeypatch):
     tiny_sweep_base("tiny-sweep", epochs=2)
     prepare = build.prepare
 
