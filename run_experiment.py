@@ -2,7 +2,7 @@
 
 --dry-run checks the config and its inputs as a run would (loading no data), prints the resolved config
 and exits. --seeds repeats the experiment over several seeds (one MLflow run each, sharing a group tag). A sweep file (a top-level `sweep:` key, experiments/sweeps/)
-runs or resumes an Optuna study instead (lab/sweeps.py). Errors a user can make end in one line and exit code 1.
+runs or resumes an Optuna study instead (lab/sweeps/). Errors a user can make end in one line and exit code 1.
 """
 import argparse
 import sys
@@ -69,15 +69,16 @@ def print_summaries(summaries):
 
 
 def run_sweep(args):
-    from lab import sweeps  # heavy imports only when a sweep runs
     if args.seeds or args.fresh:
         raise UserError("--seeds/--fresh", "not for sweep files (every trial trains once, from scratch; "
                                            "a new study_name starts a new study)")
     if args.dry_run:
-        sweep = sweeps.load_sweep(args.config, args.overrides, n_trials=args.n_trials, storage=args.storage)
-        print(sweeps.sweep_yaml(sweep), end="")
+        from lab.sweeps.schema import load_sweep, sweep_yaml  # no torch
+        sweep = load_sweep(args.config, args.overrides, n_trials=args.n_trials, storage=args.storage)
+        print(sweep_yaml(sweep), end="")
         return 0
-    sweeps.print_summary(sweeps.run(args.config, n_trials=args.n_trials, storage=args.storage,
+    from lab.sweeps import study  # heavy imports only when a sweep runs
+    study.print_summary(study.run(args.config, n_trials=args.n_trials, storage=args.storage,
                                     overrides=args.overrides, device=args.device))
     return 0
 
