@@ -1,9 +1,9 @@
 """UNet variants x label-conditioning styles for conditional DDPMs on i-CLEVR (multi-hot labels, 24 classes).
 
-The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel); this module takes their kwargs (lab/unets.py) and adds the
-small label front-end each conditioning style needs. Every style has a learned NULL condition for classifier-free
-guidance, distinct from the empty label set (i-CLEVR has no empty scenes, but "no labels" is still a valid input and
-CFG must not confuse it with "unconditional").
+The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel); this module builds them from their kwargs
+(lab/unets.py) and adds the small label front-end each conditioning style needs. Every style has a learned NULL
+condition for classifier-free guidance, distinct from the empty label set (i-CLEVR has no empty scenes, but "no
+labels" is still a valid input and CFG must not confuse it with "unconditional").
 
     model = build_model("small", "adagn")
     eps = model(x, t, labels, drop=torch.rand(B) < p_uncond)     # training, with label dropout

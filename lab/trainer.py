@@ -207,7 +207,8 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                 window_images += train_step.images_per_step
                 bar.update()
                 # a time budget (the CPU quickstart) ends the run as if this were the last step
-                last = step >= train_step.total_steps or bool(tc.max_minutes and out_of_time(started, tc.max_minutes, device))
+                spent = bool(tc.max_minutes) and out_of_time(started, tc.max_minutes, device)
+                last = step >= train_step.total_steps or spent
                 log_now = step % tc.log_every == 0 or last
                 # a NaN stops the run at once on CPU, where a readback is free; on GPU every log_every steps
                 if log_now or device.type == "cpu":
