@@ -2,12 +2,12 @@
 
 --dry-run checks the config and its inputs as a run would (loading no data), prints the resolved config
 and exits. --seeds repeats the experiment over several seeds (one MLflow run each, sharing a group tag). A sweep file (a top-level `sweep:` key, experiments/sweeps/)
-runs or resumes an Optuna study instead (lab/sweeps.py). Errors a user can make end in one line and exit code 1.
+runs or resumes an Optuna study instead (lab/sweeps/). Errors a user can make end in one line and exit code 1.
 """
 import argparse
 import sys
 
-from lab.config import load_config, read_yaml, to_yaml
+from lab.config import check_inputs, load_config, read_yaml, to_yaml
 from lab.errors import UserError, reports_user_errors
 
 
@@ -44,26 +44,47 @@ def main(argv=None):
     config = load_config(args.config, args.overrides, base=args.base)
     seeds = args.seeds or config.seeds
     if args.dry_run:
-        from lab.trainer import check_inputs  # the checks a run makes before loading data, loading none
-        check_inputs(config)
+        check_inputs(config)  # the checks a run makes before loading data, loading none (and no torch)
         print(to_yaml(config), end="")
         return 0
-    from lab import experiment  # heavy imports (torch, diffusers, mlflow) only when training
-    summaries = experiment.run(config, args.config, seeds=seeds, fresh=args.fresh, device=args.device)
-    experiment.print_summaries(summaries)
+    print_summaries(run(config, args.config, seeds=seeds, fresh=args.fresh, device=args.device))
     return 0
 
 
+def run(config, config_path, seeds=None, fresh=False, device=None, extra_tags=None, **train_options):
+    """Train `config` once, or once per seed with run names `<name>-seed<k>` and a shared group tag."""
+    from lab import build, trainer  # heavy imports (torch, diffusers) only when training
+    if not seeds:
+        return [trainer.train(build.prepare(config, config_path, device), fresh=fresh, extra_tags=extra_tags,
+                              **train_options)]
+    summaries = []
+    for seed in seeds:
+        seeded = config.model_copy(update={"seed": seed, "run_name": f"{config.run_name}-seed{seed}"})
+        tags = {"group": config.run_name, **(extra_tags or {})}  # every seed keeps the caller's tags
+        summaries.append(trainer.train(build.prepare(seeded, config_path, device), fresh=fresh, extra_tags=tags,
+                                       **train_options))
+    return summaries
+
+
+def print_summaries(summaries):
+    for s in summaries:
+        if s.get("run_id") is None:  # a data-parallel worker other than the main process
+            continue
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.endswith("accuracy"))
+        print(f"MLflow run {s['run_id']}: {s['steps']} steps; {scores}; best checkpoint {s['best_checkpoint']}")
+
+
 def run_sweep(args):
-    from lab import sweeps  # heavy imports only when a sweep runs
     if args.seeds or args.fresh:
         raise UserError("--seeds/--fresh", "not for sweep files (every trial trains once, from scratch; "
                                            "a new study_name starts a new study)")
     if args.dry_run:
-        sweep = sweeps.load_sweep(args.config, args.overrides, n_trials=args.n_trials, storage=args.storage)
-        print(sweeps.to_yaml(sweep), end="")
+        from lab.sweeps.schema import load_sweep, sweep_yaml  # no torch
+        sweep = load_sweep(args.config, args.overrides, n_trials=args.n_trials, storage=args.storage)
+        print(sweep_yaml(sweep), end="")
         return 0
-    sweeps.print_summary(sweeps.run(args.config, n_trials=args.n_trials, storage=args.storage,
+    from lab.sweeps import study  # heavy imports only when a sweep runs
+    study.print_summary(study.run(args.config, n_trials=args.n_trials, storage=args.storage,
                                     overrides=args.overrides, device=args.device))
     return 0
 

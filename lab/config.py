@@ -3,32 +3,43 @@
     base.yaml  <-  ablations/cross_attn.yaml (base: ../base.yaml)  <-  --set train.lr=3e-4
 
 Nested keys deep-merge, lists are replaced. The merged result is checked against `ExperimentConfig`;
-an unknown key, a wrong type or an out-of-range value is one line naming the dotted key and the file
-that set it.
+an unknown key, a wrong type, an out-of-range value or a config that cannot be built is one line naming
+the dotted key and the file that set it. `check_inputs` then checks what the config points at (tracking
+store, data root, evaluator, run folder). Nothing here loads torch (`--dry-run` runs all of it) except
+asking diffusers about `model.overrides` and loading a named evaluator.
 """
 from pathlib import Path, PurePosixPath
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
 
 from lab.errors import UserError
+from lab.unets import size_problem
+
+# The registries' names, as typed choices: model_json_schema() lists them, and checking a config needs no
+# torch. tests/test_config.py keeps each equal to its registry (lab.model_zoo, lab.diffusion, lab.sampling).
+UNET_NAMES = ("reference", "small", "wide", "attn_16_8", "tiny")
+CONDITIONING_NAMES = ("time_add", "adagn", "cross_attn", "concat")
+BETA_SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
+PREDICTION_TYPE_NAMES = ("epsilon", "v_prediction")
+LOSS_WEIGHTING_NAMES = ("uniform", "min_snr")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++")
+
+
+def choice(names):
+    """A registry name: a Literal of `names`; anything else fails listing them."""
+    def check(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"unknown name {value!r}; choose one of: {', '.join(names)}") from None
+    return Annotated[Literal[names], WrapValidator(check)]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _choice(registry_module, registry_name):
-    """A validator that accepts only names in a registry dict and lists them otherwise."""
-    def check(value):
-        import importlib
-        registry = getattr(importlib.import_module(registry_module), registry_name)
-        if value not in registry:
-            raise ValueError(f"unknown name {value!r}; choose one of: {', '.join(registry)}")
-        return value
-    return check
 
 
 def plain_name(name):
@@ -40,6 +51,8 @@ def plain_name(name):
 
 def inside_root(path):
     """A file or folder of the data root: relative and without `..`, so it stays in data.root."""
+    if path is None:  # eval.heldout_split: null turns the held-out split off
+        return path
     parts = PurePosixPath(path).parts
     if not parts or PurePosixPath(path).is_absolute() or ".." in parts:
         raise ValueError(f"must be a path inside data.root, not {path!r}")
@@ -78,23 +91,18 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    unet: str = "reference"              # lab.model_zoo.UNETS
-    conditioning: str = "time_add"       # lab.model_zoo.CONDITIONING
+    unet: choice(UNET_NAMES) = "reference"  # lab.unets.UNETS
+    conditioning: choice(CONDITIONING_NAMES) = "time_add"  # lab.model_zoo.CONDITIONING
     overrides: dict = {}                 # extra diffusers UNet kwargs (e.g. block_out_channels)
     cfg_dropout: float = Field(0.0, ge=0, lt=1)  # label dropout to the learned null condition (CFG)
-    check_unet = field_validator("unet")(_choice("lab.model_zoo", "UNETS"))
-    check_conditioning = field_validator("conditioning")(_choice("lab.model_zoo", "CONDITIONING"))
 
 
 class DiffusionConfig(Section):
-    beta_schedule: str = "cosine"        # lab.schedules.BETA_SCHEDULES
+    beta_schedule: choice(BETA_SCHEDULE_NAMES) = "cosine"  # lab.diffusion.BETA_SCHEDULES
     num_train_timesteps: int = Field(1000, ge=2, le=10000)
-    prediction_type: str = "epsilon"     # epsilon | v_prediction
-    loss_weighting: str = "uniform"      # uniform | min_snr (Min-SNR-gamma weighting of the timesteps)
+    prediction_type: choice(PREDICTION_TYPE_NAMES) = "epsilon"
+    loss_weighting: choice(LOSS_WEIGHTING_NAMES) = "uniform"  # min_snr: Min-SNR-gamma weighting of the timesteps
     snr_gamma: float = Field(5.0, gt=0)  # min_snr's cap
-    check_beta_schedule = field_validator("beta_schedule")(_choice("lab.schedules", "BETA_SCHEDULES"))
-    check_prediction_type = field_validator("prediction_type")(_choice("lab.schedules", "PREDICTION_TYPES"))
-    check_loss_weighting = field_validator("loss_weighting")(_choice("lab.schedules", "LOSS_WEIGHTINGS"))
 
 
 class EmaConfig(Section):
@@ -126,7 +134,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     every_epochs: int = Field(5, ge=1)   # validation sampling + evaluator score
     split: str = "val.json"              # label sets for model selection (never the test sets)
-    sampler: str = "ddim"                # lab.schedules.SAMPLERS
+    sampler: choice(SAMPLER_NAMES) = "ddim"  # lab.sampling.SAMPLERS
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0, le=1)
     guidance_scale: float = Field(1.0, ge=0)
@@ -137,7 +145,6 @@ class EvalConfig(Section):
                                          # roots do): label pairs never seen together in training
     val_seeds: int = Field(3, ge=1)      # sampling seeds per validation; their mean accuracy selects best.pt
     final_seeds: int = Field(1, ge=1)    # sampling seeds for the final test scores (mean ± std)
-    check_sampler = field_validator("sampler")(_choice("lab.schedules", "SAMPLERS"))
     check_split = field_validator("split", "heldout_split")(inside_root)
 
     @field_validator("test_splits")
@@ -172,10 +179,17 @@ class ExperimentConfig(Section):
 
 
 def cross_checks(config):
-    """(dotted key, problem) for what no single key shows: an image size the UNet cannot halve enough."""
-    from lab.model_zoo import size_problem
-    problem = size_problem(config.model.unet, config.data.image_size, config.model.overrides)
-    return [("data.image_size", problem)] if problem else []
+    """(dotted key, problem) for a config that cannot be built: an image size the UNet cannot halve enough,
+    UNet overrides diffusers rejects (asked of diffusers itself, only when there are overrides)."""
+    model = config.model
+    problem = size_problem(model.unet, config.data.image_size, model.overrides)
+    if problem:
+        return [("data.image_size", problem)]
+    if model.overrides:
+        from lab.model_zoo import unet_problem  # torch and diffusers load only for overrides
+        problem = unet_problem(model.unet, model.conditioning, config.data.image_size, model.overrides)
+        return [("model.overrides", problem)] if problem else []
+    return []
 
 
 def read_yaml(path):
@@ -243,18 +257,32 @@ def nested(keys, value):
     return value
 
 
+def describe_error(error, raw):
+    """A pydantic ValidationError on `raw` (a config or sweep file) as (dotted key, one-line message)."""
+    first = error.errors()[0]
+    loc, node = [], raw
+    for part in first["loc"]:
+        if isinstance(node, dict) and part not in node and part in (node.get("type"), node.get("name")):
+            continue  # a tagged union's tag, not a key
+        loc.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key (a typo?)"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        message = "type: expected float, int or categorical"  # the only tagged union: a sweep's search space
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if "input" in first and kind not in ("missing", "value_error"):
+            message += f" (got {first['input']!r})"
+    return ".".join(loc), message
+
+
 def validate(raw, origin, default_source):
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        error = e.errors()[0]
-        dotted = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            message = "unknown key (a typo?)"
-        else:
-            message = error["msg"].removeprefix("Value error, ")
-            if "input" in error and error["type"] not in ("missing", "value_error"):
-                message += f" (got {error['input']!r})"
+        dotted, message = describe_error(e, raw)
         raise UserError(_source(dotted, origin, default_source), f"{dotted}: {message}") from None
     for dotted, message in cross_checks(config):
         raise UserError(_source(dotted, origin, default_source), f"{dotted}: {message}")
@@ -287,6 +315,29 @@ def load_config(path, overrides=(), base=None):
     if "run_name" not in raw or raw["run_name"] is None:
         raw["run_name"] = Path(path).stem
     return validate(raw, origin, Path(path))
+
+
+def check_inputs(config):
+    """What a run refuses before it loads any data, checked without loading or rendering it (--dry-run runs
+    this too): the tracking store, a data root the config names and its label-set files, a given evaluator,
+    the run folder."""
+    from lab.data import is_synthetic, resolve_root
+    from lab.tracking import check_reachable, resolve_uri  # MLflow, not torch
+    check_reachable(resolve_uri(config.tracking_uri), "tracking_uri" if config.tracking_uri else "MLFLOW_TRACKING_URI")
+    if not is_synthetic(config.data.root):  # the synthetic default is rendered on first use
+        check_split_files(resolve_root(config.data.root), config)
+    if config.eval.evaluator:
+        from lab.eval import load_evaluator
+        load_evaluator(config.eval.evaluator)
+    for folder in (Path(config.output_dir), Path(config.output_dir) / config.run_name):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(folder, "is not a folder (output_dir / run_name: the run's checkpoints go there)")
+
+
+def check_split_files(root, config):
+    for name in [config.eval.split, *config.eval.test_splits]:
+        if not (root / name).is_file():
+            raise UserError(root / name, "label-set file not found (eval.split / eval.test_splits)")
 
 
 def to_yaml(config):

@@ -21,7 +21,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from optuna_dashboard import run_server
 
-    from lab.sweeps import display_storage, make_storage
+    from lab.sweeps.storage import display_storage, make_storage
     storage = make_storage(args.storage, where="storage")
     print(f"optuna-dashboard on {display_storage(args.storage)}: http://{args.host}:{args.port}", flush=True)
     try:

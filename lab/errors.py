@@ -12,6 +12,13 @@ class UserError(Exception):
         return type(self), (self.where, self.message)
 
 
+def choose(key, kind, name, registry):
+    """registry[name] (or name, for a tuple of names); an unknown name fails listing the choices."""
+    if name not in registry:
+        raise UserError(key, f"unknown {kind} '{name}'; choose one of: {', '.join(registry)}")
+    return registry[name] if isinstance(registry, dict) else name
+
+
 def reports_user_errors(main):
     """Wrap a command-line `main`: a UserError becomes `error: ...` on stderr and exit code 1."""
     import functools

@@ -1,9 +1,9 @@
 """UNet variants x label-conditioning styles for conditional DDPMs on i-CLEVR (multi-hot labels, 24 classes).
 
-The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel); this module only picks their kwargs and adds the
-small label front-end each conditioning style needs. Every style has a learned NULL condition for classifier-free
-guidance, distinct from the empty label set (i-CLEVR has no empty scenes, but "no labels" is still a valid input and
-CFG must not confuse it with "unconditional").
+The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel); this module builds them from their kwargs
+(lab/unets.py) and adds the small label front-end each conditioning style needs. Every style has a learned NULL
+condition for classifier-free guidance, distinct from the empty label set (i-CLEVR has no empty scenes, but "no
+labels" is still a valid input and CFG must not confuse it with "unconditional").
 
     model = build_model("small", "adagn")
     eps = model(x, t, labels, drop=torch.rand(B) < p_uncond)     # training, with label dropout
@@ -14,48 +14,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from lab.errors import UserError
-
-# UNet2DModel kwargs per variant; sample_size comes from build_model(image_size=...). Resolutions in the comments
-# assume 64x64 input; every level but the last halves the resolution.
-UNETS = {
-    # The course reference (~114M params with time_add): attention only at 4x4 (+ the mid block's at 2x2).
-    "reference": dict(
-        block_out_channels=(128, 128, 256, 256, 512, 512),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    ),
-    # 4 levels 64->8, attention at 16x16 (+ mid at 8x8): a quick baseline.
-    "small": dict(
-        block_out_channels=(64, 128, 128, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    ),
-    # The reference layout at 1.5x width (~2.2x params): isolates width from depth and attention placement.
-    "wide": dict(
-        block_out_channels=(192, 192, 384, 384, 768, 768),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    ),
-    # The reference channels with attention moved from 4x4 to 16x16 and 8x8, where object positions are resolved.
-    "attn_16_8": dict(
-        block_out_channels=(128, 128, 256, 256, 512, 512),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D",) * 2 + ("AttnDownBlock2D",) * 2 + ("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2 + ("AttnUpBlock2D",) * 2 + ("UpBlock2D",) * 2,
-    ),
-    # CPU-sized for tests and quickstarts: 3 levels, attention at the lowest one; 8 groups because 32 channels.
-    "tiny": dict(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ),
-}
+from lab.errors import UserError, choose
+from lab.unets import UNETS, size_problem
 
 
 def _time_embed_dim(cfg):
@@ -181,30 +141,13 @@ class ConditionalUNet(nn.Module):
         return self.unet(x, t, **kwargs).sample
 
 
-def _choose(key, kind, name, registry):
-    if name not in registry:
-        raise UserError(key, f"unknown {kind} '{name}'; choose one of: {', '.join(registry)}")
-    return registry[name]
-
-
-def size_problem(unet, image_size, overrides=None):
-    """Why the UNet cannot take `image_size` (every level but the last halves it), or None."""
-    try:
-        levels = len({**UNETS[unet], **(overrides or {})}["block_out_channels"])
-    except (KeyError, TypeError):
-        return None  # an unknown variant or malformed overrides: reported where the model is built
-    if image_size % 2 ** (levels - 1):
-        return f"{image_size} is not divisible by {2 ** (levels - 1)} ({levels} UNet levels)"
-    return None
-
-
 def build_model(unet: str = "reference", conditioning: str = "time_add", num_labels: int = 24,
                 image_size: int = 64, **unet_overrides) -> ConditionalUNet:
     """Build UNETS[unet] with CONDITIONING[conditioning]; unet_overrides replace UNet2DModel kwargs of the variant."""
-    variant = _choose("unet", "UNet variant", unet, UNETS)
+    variant = choose("unet", "UNet variant", unet, UNETS)
     # RGB in and out, spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
     cfg = {"in_channels": 3, "out_channels": 3, **variant, **unet_overrides, "sample_size": image_size}
-    style = _choose("conditioning", "conditioning style", conditioning, CONDITIONING)
+    style = choose("conditioning", "conditioning style", conditioning, CONDITIONING)
     problem = size_problem(unet, image_size, unet_overrides)
     if problem:
         raise UserError("image_size", problem)
@@ -215,6 +158,16 @@ def build_model(unet: str = "reference", conditioning: str = "time_add", num_lab
     build_kwargs = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
                         **unet_overrides)
     return ConditionalUNet(net, style(net, num_labels), build_kwargs)
+
+
+def unet_problem(unet, conditioning, image_size, overrides):
+    """Why diffusers refuses to build this UNet, or None: built on the meta device (no memory, no init time)."""
+    try:
+        with torch.device("meta"):
+            build_model(unet, conditioning, image_size=image_size, **overrides)
+    except UserError as e:
+        return e.message
+    return None
 
 
 def guided_prediction(model, x, t, labels, guidance_scale: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Data parallel across processes started by `torchrun` or `accelerate launch` (they set WORLD_SIZE,
 RANK, LOCAL_RANK, MASTER_ADDR/PORT). One process per GPU; only the main process logs, evaluates and
 writes checkpoints. Without those variables everything here is a no-op."""
+import contextlib
 import os
 
 import torch
@@ -43,6 +44,20 @@ def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_reduce_min(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def accumulating(wrapped, last):
+    """DDP's no_sync() on every micro-batch but the last: gradients are all-reduced once per optimizer step."""
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(wrapped, DistributedDataParallel) and not last:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
 
 
 def wrap(model, device):

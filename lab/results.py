@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from lab.errors import UserError, reports_user_errors
-from lab.report import (DEFAULT_METRIC, ablation_table, load_runs, open_store, render, row_labels,
-                        write_charts)
+from lab.charts import row_labels, write_charts
+from lab.report import DEFAULT_METRIC, ablation_table, load_runs, open_store, render
 
 CURVE_METRIC = "val_accuracy"
 

@@ -1,4 +1,5 @@
-"""A run folder (`<output_dir>/<run name>/`): one writing process at a time, and the MLflow run it feeds.
+"""A run folder (`<output_dir>/<run name>/`): one writing process at a time, the MLflow run it feeds, and the
+resume state of a run cut short.
 
 The lock is an flock on the folder itself, so the kernel releases it when its process dies, however
 it dies: a later run takes over without asking. `lock` beside it names the holder's PID for the
@@ -11,7 +12,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from lab.checkpoints import write_atomic
+from lab.checkpoints import checkpoint_exists, load_checkpoint, write_atomic
 from lab.errors import UserError
 
 
@@ -75,3 +76,25 @@ def read_record(folder):
         return {"run_id": str(record["run_id"]), "config": str(record["config"])}
     except (ValueError, KeyError, TypeError):
         raise UserError(path, "not a run record (expected {\"run_id\", \"config\"}); pass --fresh to start over") from None
+
+
+DIFFERENT_CONFIG = "belongs to a run with a different config; pass --fresh to start over, or set another run_name/output_dir"
+
+
+def load_previous(out, config_yaml):
+    """(resume state, MLflow run id) of an interrupted run of the same config in `out`; (None, None) if none."""
+    record = read_record(out)
+    if record and record["config"] != config_yaml:
+        raise UserError(record_path(out), DIFFERENT_CONFIG)
+    resume = load_resume_state(out / "latest.pt", config_yaml)
+    return resume, resume["run_id"] if resume else record and record["run_id"]
+
+
+def load_resume_state(path, config_yaml):
+    """The resume state of an interrupted run of the same config, or None for a fresh start."""
+    if not checkpoint_exists(path):
+        return None
+    state = load_checkpoint(path, "resume checkpoint")
+    if state.get("config") != config_yaml:
+        raise UserError(path, DIFFERENT_CONFIG)
+    return state

@@ -1,4 +1,6 @@
-"""MLflow tracking: one run per experiment, params from the resolved config, metrics logged async.
+"""MLflow tracking, the one module that writes to MLflow: one run per experiment (params from the resolved
+config, metrics logged async), a sweep's parent run, compare.py's chart runs and final test scores.
+Other modules hand it what to record; they may read runs, never write them.
 
 Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
 sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
@@ -82,13 +84,14 @@ def check_sqlite(path, where):
         raise UserError(where, f"{path} is not a readable SQLite database ({e})") from None
 
 
-def experiment_id(client, name):
+def experiment_id(client, name, artifact_location=None):
     """The experiment's id, created (as a model-training experiment) when missing; workers starting at
     once may race to create it. Experiments created before the kind tag existed get it too."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
@@ -118,13 +121,15 @@ def run_context_tags(tags):
     return resolved
 
 
-def machine():
-    """What ran it, for every figure a report quotes: the GPU's name, or the CPU model, cores and torch threads."""
+def machine(device=None):
+    """What runs on `device` (default: the GPU when there is one), for every figure a report or the benchmark
+    quotes: the GPU's name, or the CPU model, cores and torch threads."""
     import platform
 
     import torch
-    if torch.cuda.is_available():
-        return f"GPU: {torch.cuda.get_device_name()}"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -183,11 +188,70 @@ def start_evaluator_run(uri, recipe, tags):
     return tracker
 
 
+def log_final_scores(client, run_id, scores):
+    """compare.py --final-test's scores on the chosen run: final_<split>_accuracy and _std, tag final_test_seeds."""
+    now, metrics = int(time.time() * 1000), []
+    for split, (mean, std, _) in scores.items():
+        stem = Path(split).stem
+        metrics += [Metric(f"final_{stem}_accuracy", float(mean), now, 0),
+                    Metric(f"final_{stem}_accuracy_std", float(std), now, 0)]
+    used = max(len(accs) for _, _, accs in scores.values())
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag("final_test_seeds", str(used))], synchronous=True)
+
+
+# --- a sweep's parent run (lab/sweeps/parent.py decides which one; these write it) -----------------------
+
+def reopen_parent_run(client, run_id):
+    """Mark an existing parent run RUNNING again; False when it is gone (deleted, or another store)."""
+    try:
+        if client.get_run(run_id).info.lifecycle_stage == "active":
+            client.update_run(run_id, status="RUNNING")
+            return True
+    except MlflowException:
+        pass
+    return False
+
+
+def create_parent_run(client, experiment, name, sweep_yaml, tags):
+    """A new parent run for a study, holding the resolved sweep file as sweep.yaml."""
+    run = client.create_run(experiment_id(client, experiment), run_name=name, tags=run_context_tags(tags))
+    client.log_text(run.info.run_id, sweep_yaml, "sweep.yaml")
+    return run.info.run_id
+
+
+def discard_run(client, run_id):
+    client.delete_run(run_id)
+
+
+def finish_parent_run(client, run_id, metrics, tags, step, status):
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.set_terminated(run_id, status=status)
+
+
+def fail_run(client, run_id, tags):
+    """A run a dead worker left RUNNING: FAILED, with tags saying why."""
+    try:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.set_terminated(run_id, status="FAILED")
+    except MlflowException:
+        pass  # deleted meanwhile: nothing to mark
+
+
+class NoTracker:
+    """What processes other than the main one log: nothing."""
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class Tracker:
     """An MLflow run of one experiment: started fresh, or resumed by id after a restart."""
 
-    def __init__(self, uri):
-        self.uri = uri
+    def __init__(self, uri, artifact_location=None):
+        self.uri, self.artifact_location = uri, artifact_location  # where a new experiment keeps artifacts
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = None
         self.sending = []  # MLflow's handles of metric batches still being written in the background
@@ -204,7 +268,7 @@ class Tracker:
                                      "ablation": config.ablation, "seed": str(config.seed), **(extra_tags or {})})
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            self.run_id = self.client.create_run(experiment_id(self.client, config.experiment),
+            self.run_id = self.client.create_run(experiment_id(self.client, config.experiment, self.artifact_location),
                                                  run_name=config.run_name, tags=tags).info.run_id
             if on_created:
                 on_created(self.run_id)

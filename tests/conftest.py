@@ -12,9 +12,9 @@ import torch
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
-SHARED_ICLEVR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "iclevr")
 
 
+@pytest.fixture
 def fault_rng():
     """A seeded random.Random for fault timing; the seed is printed (shown when a test fails) and
     DDPM_LAB_FAULT_SEED=<seed> replays it."""
@@ -65,16 +65,81 @@ eval:
 
 
 @pytest.fixture
-def tiny_experiment(tiny_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    evaluator = tmp_path / "evaluator.pth"
+def experiments_dir():
+    return EXPERIMENTS
+
+
+@pytest.fixture
+def random_evaluator(tmp_path):
+    """A randomly initialised evaluator in the course's format (accuracies are arbitrary): its path."""
     from lab.eval import build_resnet, save_evaluator
     torch.manual_seed(0)
-    save_evaluator(build_resnet(), evaluator)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=evaluator))
-    return path
+    save_evaluator(build_resnet(), tmp_path / "evaluator.pth")
+    return tmp_path / "evaluator.pth"
+
+
+@pytest.fixture
+def write_tiny_config(tiny_root, random_evaluator):
+    """write_tiny_config(path, template=TINY, **fields): the template filled with base.yaml, the tiny root and
+    the random evaluator (and `fields`), written to `path`."""
+    def write(path, template=TINY, **fields):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(template.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=random_evaluator,
+                                        **fields))
+        return path
+    return write
+
+
+@pytest.fixture
+def tiny_template():
+    return TINY
+
+
+@pytest.fixture
+def tmp_workdir(tmp_path, monkeypatch):
+    """The test's tmp_path as working directory, with an MLflow store of its own there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_experiment(write_tiny_config, tmp_workdir):
+    return write_tiny_config(tmp_workdir / "tiny.yaml")
+
+
+# A tiny base config for sweeps: every epoch validates on new_test.json (32 label sets instead of val.json's
+# 64: half the sampling).
+TINY_SWEEP_BASE = """
+base: {base}
+experiment: {experiment}
+data:
+  root: {root}
+  image_size: 32
+model:
+  unet: tiny
+diffusion:
+  num_train_timesteps: 20
+train:
+  epochs: {epochs}
+  batch_size: 16
+  warmup_steps: 0
+  log_every: 3
+eval:
+  every_epochs: 1
+  split: new_test.json
+  steps: 2
+  evaluator: {evaluator}
+  test_splits: [test.json]
+  final_seeds: 1
+"""
+
+
+@pytest.fixture
+def tiny_sweep_base(write_tiny_config, tmp_path):
+    """tiny_sweep_base(experiment, epochs): tmp_path/tiny.yaml, the base config of a tiny sweep."""
+    return lambda experiment, epochs: write_tiny_config(tmp_path / "tiny.yaml", TINY_SWEEP_BASE,
+                                                        experiment=experiment, epochs=epochs)
 
 
 # --- a throwaway PostgreSQL server (tests marked `postgres`) ----------------------------------------
@@ -90,10 +155,16 @@ def postgres_programs():
     return None
 
 
-def free_port():
+def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port on loopback that nothing listens on."""
+    return _free_port()
 
 
 def skip_or_fail(reason):
@@ -120,7 +191,7 @@ def postgres_url():
     folder = Path(tempfile.mkdtemp(prefix="ddpm-lab-postgres-"))  # not under pytest's root-only folders
     if as_user:
         shutil.chown(folder, as_user[2])
-    port, data = free_port(), str(folder / "data")
+    port, data = _free_port(), str(folder / "data")
 
     def pg(*args, check=True):  # in `folder`: the server's user may not enter the working directory
         return subprocess.run(as_user + list(args), cwd=folder, check=check, capture_output=True, text=True)

@@ -1,18 +1,17 @@
-"""`python -m lab.bench`: the CPU smoke run prints every section and writes every figure (nothing timed is asserted)."""
+"""`python bench.py`: the CPU smoke run prints every section and writes every figure (nothing timed is asserted)."""
 import json
 import math
 
 import pytest
 
-from lab import bench
+import bench
 from lab.config import load_config
 from lab.errors import UserError
-from tests.conftest import EXPERIMENTS
 
 
-def test_quick_overrides_resolve_against_base(tmp_path):
+def test_quick_overrides_resolve_against_base(tmp_path, experiments_dir):
     overrides = bench.quick_overrides(tmp_path / "root", tmp_path / "e.pth", tmp_path)
-    config = load_config(EXPERIMENTS / "base.yaml", overrides)
+    config = load_config(experiments_dir / "base.yaml", overrides)
     assert (config.model.unet, config.data.image_size, config.train.batch_size) == ("tiny", 32, 8)
     assert config.diffusion.num_train_timesteps == 100 and config.eval.evaluator == str(tmp_path / "e.pth")
 
@@ -47,7 +46,7 @@ def test_cpu_smoke_run(tmp_path, capsys):
     assert set(results) == {"meta", "training", "memory", "sampling", "logging", "targets"}
     meta = results["meta"]
     assert meta["shrunk"] and meta["device"] == "cpu" and meta["torch"] and meta["diffusers"] and meta["date"]
-    assert meta["command"].startswith("python -m lab.bench") and "model.unet=tiny" in meta["overrides"]
+    assert meta["command"].startswith("python bench.py") and "model.unet=tiny" in meta["overrides"]
     assert meta["config"]["model"]["unet"] == "tiny" and meta["steps"] == 2 and meta["warmup"] == 1
 
     training = results["training"]

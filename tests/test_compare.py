@@ -8,7 +8,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from compare import main
-from lab import report
+from lab import charts, report, sampling
 
 EXPERIMENT = "iclevr-ablations"
 BASE = {"experiment": EXPERIMENT, "model.unet": "reference", "model.conditioning": "time_add",
@@ -207,7 +207,7 @@ def test_charts_are_png_files(store_uri, capsys, tmp_path):
     runs = report.load_runs(client, EXPERIMENT)
     assert compare_run.info.run_id not in set(runs["run_id"])
     table = report.ablation_table(runs)
-    assert report.row_labels(table) == ["base", "conditioning: adagn", "sampler: dpmsolver++, 20"]
+    assert charts.row_labels(table) == ["base", "conditioning: adagn", "sampler: dpmsolver++, 20"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -238,7 +238,7 @@ def fake_scores(calls):
 def test_final_test_scores_the_chosen_checkpoint_and_logs_to_its_run(store, store_uri, capsys, monkeypatch):
     _, ids = store
     calls = []
-    monkeypatch.setattr(report, "score_checkpoint", fake_scores(calls))
+    monkeypatch.setattr(sampling, "score_checkpoint", fake_scores(calls))
     code, out, err = run_cli(capsys, "--final-test", "--seeds", "4")
     assert code == 0, err
     assert calls == [(str(store[0] / "runs" / BEST_RUN / "best.pt"), f"weights of {BEST_RUN}".encode(), 4)]
@@ -269,7 +269,7 @@ def test_final_test_fetches_the_artifact_when_the_tagged_path_is_gone(store, sto
     client.log_artifact(ids[BEST_RUN], str(weights), "checkpoints")
     client.set_tag(ids[BEST_RUN], "best_checkpoint", str(tmp_path / "elsewhere" / "best.pt"))
     calls = []
-    monkeypatch.setattr(report, "score_checkpoint", fake_scores(calls))
+    monkeypatch.setattr(sampling, "score_checkpoint", fake_scores(calls))
     assert run_cli(capsys, "--final-test")[0] == 0
     assert calls[0][1:] == (b"from the artifact store", None)
     # neither the tagged file nor an artifact: one line

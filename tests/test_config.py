@@ -114,3 +114,32 @@ def test_base_option_on_the_command_line(capsys):
     sweep = str(EXPERIMENTS / "sweeps" / "quick_lr.yaml")
     assert main([ablation, "--base", sweep, "--dry-run"]) == 1
     assert capsys.readouterr().err.strip() == f"error: --base: {sweep} is a sweep file; --base takes an experiment config"
+
+
+def test_the_schemas_choices_are_the_registries():
+    """The typed choices a config is checked with (no torch) are exactly the names the registries build, and
+    the JSON schema lists them."""
+    from lab import config, diffusion, model_zoo, sampling
+    assert config.UNET_NAMES == tuple(model_zoo.UNETS)
+    assert config.CONDITIONING_NAMES == tuple(model_zoo.CONDITIONING)
+    assert config.BETA_SCHEDULE_NAMES == tuple(diffusion.BETA_SCHEDULES)
+    assert config.PREDICTION_TYPE_NAMES == tuple(diffusion.PREDICTION_TYPES)
+    assert config.LOSS_WEIGHTING_NAMES == tuple(diffusion.LOSS_WEIGHTINGS)
+    assert config.SAMPLER_NAMES == tuple(sampling.SAMPLERS)
+    defs = config.ExperimentConfig.model_json_schema()["$defs"]
+    assert defs["ModelConfig"]["properties"]["unet"]["enum"] == list(model_zoo.UNETS)
+    assert defs["EvalConfig"]["properties"]["sampler"]["enum"] == list(sampling.SAMPLERS)
+
+
+def test_a_dry_run_loads_neither_torch_nor_diffusers(tmp_path):
+    """--dry-run checks a config as a run would (names, sizes, the tracking store, the run folder) without them."""
+    import subprocess
+    import sys
+    code = ("import sys, run_experiment; assert run_experiment.main([sys.argv[1], '--dry-run']) == 0; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(EXPERIMENTS / "ablations" / "cond_cross_attn.yaml")],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(EXPERIMENTS.parent),
+                               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -20,45 +20,17 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from lab import sweeps
+from lab.sweeps.parent import PARENT_RUN_ATTR
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres,
               pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
 ROOT = Path(__file__).parent.parent
-EXPERIMENTS = ROOT / "experiments"
 N_TRIALS = 4
-
-# A trial trains 4 epochs and validates after each (a few seconds on 2 CPU cores), so a kill after the first
-# validation lands mid-trial.
-TINY = """
-base: {base}
-experiment: distributed-sweep
-data:
-  root: {root}
-  image_size: 32
-model:
-  unet: tiny
-diffusion:
-  num_train_timesteps: 20
-train:
-  epochs: 4
-  batch_size: 16
-  warmup_steps: 0
-  log_every: 3
-eval:
-  every_epochs: 1
-  split: new_test.json   # 32 label sets instead of val.json's 64: half the sampling
-  steps: 2
-  evaluator: {evaluator}
-  test_splits: [test.json]
-  final_seeds: 1
-"""
 
 # seed null: two workers opening an empty study at once would otherwise draw the same values
 SWEEP = f"""
@@ -75,12 +47,6 @@ sweep:
 """
 
 GONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def create_database(server_url, name):
@@ -155,9 +121,9 @@ def processes(tmp_path):
 
 
 @pytest.fixture
-def mlflow_server(databases, processes, tmp_path):
+def mlflow_server(databases, processes, tmp_path, free_port):
     """`mlflow server` on loopback, runs in PostgreSQL, artifacts in a folder; its http:// URI."""
-    port = free_port()
+    port = free_port
     server = processes.start("mlflow-server", [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", databases["mlflow"],
         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
@@ -178,12 +144,10 @@ def mlflow_server(databases, processes, tmp_path):
 
 
 @pytest.fixture
-def sweep_file(tiny_root, tmp_path):
-    from lab.eval import build_resnet, save_evaluator
-    torch.manual_seed(0)
-    save_evaluator(build_resnet(), tmp_path / "evaluator.pth")  # a random evaluator: accuracies are arbitrary
-    (tmp_path / "tiny.yaml").write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root,
-                                                    evaluator=tmp_path / "evaluator.pth"))
+def sweep_file(tiny_sweep_base, tmp_path):
+    # A trial trains 4 epochs and validates after each (a few seconds on 2 CPU cores), so a kill after the
+    # first validation lands mid-trial.
+    tiny_sweep_base("distributed-sweep", epochs=4)
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
     return path
@@ -273,7 +237,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
     assert states[TrialState.FAIL] == 1 and all(t.user_attrs["worker"] != worker_a for t in trials if t != dead)
 
     # --- MLflow: one parent run, every trial's run on the server, nested under it, in the trial's state
-    parent_id = study.user_attrs[sweeps.PARENT_RUN_ATTR]
+    parent_id = study.user_attrs[PARENT_RUN_ATTR]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent_id in out_b
     assert parent.data.metrics["trials_fail"] == 1

@@ -1,46 +1,82 @@
-"""Every experiment YAML trains a step and samples; a tiny end-to-end run leaves a full MLflow record."""
+"""Every experiment YAML runs through the real command line for two steps, shrunk, into a temporary MLflow
+store; a tiny end-to-end run leaves a full MLflow record."""
+import json
 from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from lab.config import load_config
-from lab.model_zoo import build_model
-from lab.schedules import make_noise_scheduler, sample
-from lab.trainer import diffusion_loss
+from lab.config import flatten, load_config
+from run_experiment import main
 
-from tests.conftest import EXPERIMENTS, TINY  # noqa: F401 (TINY: shared with other test files)
-CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))  # base, quickstart, every ablation, every sweep
+# Shrunk the lightning-hydra way, by overrides: the tiny UNet at 32x32, two steps, one sampling seed, one split.
+# A sweep searches some of these keys itself (sweep.space): those stay as the sweep draws them.
+SHRINK = {"data.image_size": 32, "model.unet": "tiny", "train.batch_size": 4, "train.max_steps": 2,
+          "train.log_every": 1, "eval.steps": 2, "eval.val_seeds": 1, "eval.final_seeds": 1,
+          "eval.test_splits": "[test.json]", "eval.heldout_split": "null", "diffusion.num_train_timesteps": 10}
+SWEEP_SHRINK = {**SHRINK, "diffusion.num_train_timesteps": 100}  # eval.steps may be searched up to 100
+
+
+@pytest.fixture
+def shrunk(tiny_root, random_evaluator, tmp_path, monkeypatch):
+    """--set overrides onto the tiny root, a random evaluator and a temporary MLflow store and run folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def overrides(values, searched=()):
+        values = {**values, "data.root": tiny_root, "eval.evaluator": random_evaluator, "tracking_uri": uri,
+                  "output_dir": tmp_path / "runs"}
+        return [f"{key}={value}" for key, value in values.items() if key not in searched]
+    return overrides, MlflowClient(uri)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
-def test_every_config_trains_a_step_and_samples(path):
-    """The real architecture of each file, shrunk the lightning-hydra way: 32x32, 10 timesteps, batch 2."""
-    config = load_config(path, ["data.image_size=32", "diffusion.num_train_timesteps=10"])
-    torch.manual_seed(0)
-    model = build_model(config.model.unet, config.model.conditioning, image_size=32, **config.model.overrides)
-    scheduler = make_noise_scheduler(config.diffusion.beta_schedule, 10, config.diffusion.prediction_type)
-    labels = torch.zeros(2, 24)
-    labels[0, [1, 9]] = labels[1, 20] = 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    before = [p.detach().clone() for p in model.parameters()]
-    loss, t = diffusion_loss(model, scheduler, torch.rand(2, 3, 32, 32) * 2 - 1, labels,
-                             torch.Generator().manual_seed(0), max(config.model.cfg_dropout, 0.5))
-    loss.mean().backward()
-    optimizer.step()
-    assert torch.isfinite(loss).all() and t.shape == (2,)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    images = sample(model, labels, train_scheduler=scheduler, sampler=config.eval.sampler, steps=2,
-                    guidance_scale=config.eval.guidance_scale, generator=torch.Generator().manual_seed(0), image_size=32)
-    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all() and images.abs().max() <= 1
+def test_every_experiment_file_runs_from_the_command_line(path, shrunk):
+    overrides, client = shrunk
+    args = [arg for assignment in overrides(SWEEP_SHRINK if "sweeps" in path.parts else SHRINK)
+            for arg in ("--set", assignment)]
+    if "sweeps" not in path.parts:
+        assert main([str(path), *args, "--device", "cpu"]) == 0
+        config = load_config(path, args[1::2])
+        runs = client.search_runs([client.get_experiment_by_name(config.experiment).experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        # the run describes exactly the file's config, shrunk
+        assert runs[0].data.params == {k: str(v) for k, v in flatten(config).items()}
+        assert runs[0].data.tags["ablation"] == config.ablation and runs[0].data.tags["config_file"] == str(path)
+        assert {"loss", "val_accuracy", "best_val_accuracy", "test_accuracy"} <= set(runs[0].data.metrics)
+        return
+    from lab.sweeps.schema import load_sweep
+    searched = set(load_sweep(path).spec.space)
+    args = [arg for assignment in overrides(SWEEP_SHRINK, searched) for arg in ("--set", assignment)]
+    assert main([str(path), *args, "--n-trials", "1", "--storage", "optuna.log", "--device", "cpu"]) == 0
+    sweep = load_sweep(path, args[1::2])
+    runs = client.search_runs([client.get_experiment_by_name(sweep.config.experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(runs) == 2 and len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial, = [r for r in runs if r is not parents[0]]
+    assert trial.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and trial.info.status == "FINISHED"
+    assert trial.data.tags["optuna_state"] == "COMPLETE" and "best_val_accuracy" in trial.data.metrics
+    assert json.loads(trial.data.tags["optuna_params"]).keys() == searched
+
+
+def test_every_seed_keeps_the_callers_tags(monkeypatch):
+    """--seeds trains one run per seed; each carries the group tag and every tag its caller passed."""
+    import run_experiment
+    from lab import build, trainer
+    seen = []
+    monkeypatch.setattr(build, "prepare", lambda config, config_path, device=None: config)
+    monkeypatch.setattr(trainer, "train", lambda config, **options: seen.append((config.run_name, options["extra_tags"])))
+    run_experiment.run(load_config(EXPERIMENTS / "base.yaml"), "base.yaml", seeds=[0, 1, 2], extra_tags={"sweep": "x"})
+    assert seen == [(f"base-seed{k}", {"group": "base", "sweep": "x"}) for k in range(3)]
 
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
-    from run_experiment import main
     assert main([str(tiny_experiment)]) == 0
     printed = capsys.readouterr().out
     client = MlflowClient()

@@ -25,3 +25,30 @@ def test_two_processes_train_one_run(tiny_experiment, tmp_path):
     # 60 images, 8 per process and step, 2 processes: 3 steps an epoch, 3 epochs
     assert load_checkpoint(tmp_path / "runs" / "tiny" / "latest.pt")["step"] == 9
     assert runs[0].data.metrics["test_accuracy"] >= 0
+
+
+def test_gradient_accumulation_all_reduces_once_per_optimizer_step(tiny_experiment, tmp_path):
+    """Under DDP every micro-batch but the last runs in no_sync(): each gradient bucket is all-reduced once."""
+    import torch
+    import torch.distributed as dist
+
+    from lab import build
+    from lab.config import load_config
+    from lab.trainer import TrainStep
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        setup = build.prepare(load_config(tiny_experiment, ["train.grad_accum=3"]), tiny_experiment, "cpu")
+        train_step = TrainStep(setup)
+        reduced = []
+
+        def count(state, bucket):  # a comm hook in place of the all-reduce
+            reduced.append(bucket.index())
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+        train_step.opt.wrapped.register_comm_hook(None, count)
+        train_step.start_epoch(0)
+        train_step(0, 1)
+        assert reduced and sorted(reduced) == sorted(set(reduced))  # without no_sync(): each bucket 3 times
+    finally:
+        dist.destroy_process_group()

@@ -13,17 +13,16 @@ import torch
 
 from lab.checkpoints import checksum_path, load_checkpoint, previous_path, save_checkpoint
 from lab.errors import UserError
-from tests.conftest import EXPERIMENTS, TINY, fault_rng
 
 ROOT = Path(__file__).parent.parent
-RESUMABLE = TINY.replace("epochs: 3", "epochs: 6\n  checkpoint_every: 1").replace("every_epochs: 2", "every_epochs: 3")
 
 
-def write_config(folder, tiny_root, evaluator):
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.yaml"
-    path.write_text(RESUMABLE.format(base=EXPERIMENTS / "base.yaml", root=tiny_root, evaluator=evaluator))
-    return path
+@pytest.fixture
+def write_config(write_tiny_config, tiny_template):
+    """The tiny config over 6 epochs, a checkpoint after each, validating every third."""
+    resumable = tiny_template.replace("epochs: 3", "epochs: 6\n  checkpoint_every: 1").replace(
+        "every_epochs: 2", "every_epochs: 3")
+    return lambda folder: write_tiny_config(folder / "tiny.yaml", resumable)
 
 
 def run(folder, config, env):
@@ -38,16 +37,13 @@ def wait_for(path, process):
 
 
 @pytest.mark.slow
-def test_sigkills_then_rerun_give_bitwise_identical_weights_and_one_run(tiny_root, tmp_path):
+def test_sigkills_then_rerun_give_bitwise_identical_weights_and_one_run(write_config, fault_rng, tmp_path):
     """Killed before its first checkpoint (while a second process on its folder is refused), then at a
     seeded random moment after it (mid-step, mid-validation, mid-save or during the final scores)."""
-    rng = fault_rng()
-    from lab.eval import build_resnet, save_evaluator
-    torch.manual_seed(0)
-    save_evaluator(build_resnet(), tmp_path / "evaluator.pth")
+    rng = fault_rng
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
-    straight = write_config(tmp_path / "straight", tiny_root, tmp_path / "evaluator.pth")
-    killed = write_config(tmp_path / "killed", tiny_root, tmp_path / "evaluator.pth")
+    straight = write_config(tmp_path / "straight")
+    killed = write_config(tmp_path / "killed")
     reference = run(straight.parent, straight, env)
     folder = killed.parent / "runs" / "tiny"
     latest = folder / "latest.pt"

@@ -1,4 +1,4 @@
-"""lab.schedules: schedules x prediction types, samplers sharing the training betas, the one sample() entry point
+"""lab.diffusion and lab.sampling: schedules x prediction types, samplers sharing the training betas, the one sample() entry point
 (shape, range, determinism, callbacks), denoising strips and errors. Tiny UNet at 32x32 on CPU."""
 
 import pytest
@@ -6,17 +6,8 @@ import torch
 
 from lab.errors import UserError
 from lab.model_zoo import build_model
-from lab.schedules import (
-    BETA_SCHEDULES,
-    PREDICTION_TYPES,
-    SAMPLERS,
-    denoising_strip,
-    loss_weights,
-    make_noise_scheduler,
-    make_sampler,
-    sample,
-    training_target,
-)
+from lab.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, loss_weights, make_noise_scheduler, training_target
+from lab.sampling import SAMPLERS, denoising_strip, make_sampler, sample
 
 LABELS = torch.zeros(2, 24)
 LABELS[0, [3, 11]] = 1

@@ -13,7 +13,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from lab import sweeps, trainer
+from lab import build, trainer
+from lab.sweeps.parent import PARENT_RUN_ATTR
+from lab.sweeps.schema import load_sweep
+from lab.sweeps.storage import display_storage, make_storage
 from lab.config import read_yaml
 from lab.errors import UserError
 from run_experiment import main
@@ -89,7 +92,7 @@ def test_dry_run_prints_a_sweep_file_that_loads_again(tmp_path, capsys):
     assert main([str(path), "--dry-run", "--n-trials", "7", "--set", "train.epochs=2"]) == 0
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(capsys.readouterr().out)
-    sweep = sweeps.load_sweep(resolved)
+    sweep = load_sweep(resolved)
     assert sweep.n_trials == 7 and sweep.study_name == "s" and sweep.config.train.epochs == 2
     assert sweep.spec.pruner.name == "hyperband" and sweep.storage == f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
@@ -99,7 +102,7 @@ def test_shipped_sweep_files_load(path):
     base = (path.parent / read_yaml(path)["sweep"]["base"]).resolve()
     if not base.is_file():
         pytest.skip(f"{base.name} does not exist yet")
-    sweep = sweeps.load_sweep(path)
+    sweep = load_sweep(path)
     assert sweep.spec.space and sweep.study_name
 
 
@@ -118,23 +121,23 @@ def test_storage_kinds_open_in_optuna_and_the_dashboard(tmp_path, monkeypatch, r
                                "journal_prefix": ("journal:studies/optuna.journal", "studies/optuna.journal")}[kind]
     (tmp_path / "studies").mkdir()
     name = f"kinds-{tmp_path.name}"
-    study = optuna.create_study(storage=sweeps.make_storage(spec), study_name=name, direction="maximize")
+    study = optuna.create_study(storage=make_storage(spec), study_name=name, direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
-    loaded = optuna.load_study(study_name=name, storage=sweeps.make_storage(spec))
+    loaded = optuna.load_study(study_name=name, storage=make_storage(spec))
     assert [t.state for t in loaded.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert isinstance(sweeps.make_storage(spec), optuna.storages.RDBStorage) == (kind in ("sqlite", "postgres"))
+    assert isinstance(make_storage(spec), optuna.storages.RDBStorage) == (kind in ("sqlite", "postgres"))
     assert len(dashboard_studies(dashboard_arg)[name]["trials"]) == 2
     if kind != "postgres":
-        assert Path(sweeps.display_storage(spec).removeprefix("sqlite:///")).is_file()
+        assert Path(display_storage(spec).removeprefix("sqlite:///")).is_file()
 
 
 def test_bad_storages_are_one_line(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        sweeps.make_storage(f"sqlite:///{tmp_path}/missing/optuna.db")
+        make_storage(f"sqlite:///{tmp_path}/missing/optuna.db")
     with pytest.raises(UserError, match="does not exist"):
-        sweeps.make_storage(f"{tmp_path}/missing/optuna.log")
+        make_storage(f"{tmp_path}/missing/optuna.log")
     with pytest.raises(UserError, match=r"cannot open the Optuna storage postgresql://u:\*\*\*@127.0.0.1:1/db"):
-        sweeps.make_storage("postgresql://u:secret@127.0.0.1:1/db")
+        make_storage("postgresql://u:secret@127.0.0.1:1/db")
 
 
 def test_the_dashboard_opens_a_storage_no_sweep_has_used_yet(tmp_path, monkeypatch, capsys):
@@ -158,7 +161,7 @@ def test_the_dashboard_opens_a_storage_no_sweep_has_used_yet(tmp_path, monkeypat
 def test_a_dead_workers_trial_fails_and_is_retried(tmp_path, request, kind):
     """The distributed case: a trial whose heartbeat stopped becomes FAIL and comes back with its parameters."""
     url = request.getfixturevalue("postgres_url") if kind == "postgres" else f"sqlite:///{tmp_path}/optuna.db"
-    storage = sweeps.make_storage(url, heartbeat_interval=1, grace_period=1, max_retry=1)
+    storage = make_storage(url, heartbeat_interval=1, grace_period=1, max_retry=1)
     study = optuna.create_study(storage=storage, study_name=f"dead-{tmp_path.name}")
     dead = study.ask()
     x = dead.suggest_float("x", 0, 1)
@@ -171,30 +174,6 @@ def test_a_dead_workers_trial_fails_and_is_retried(tmp_path, request, kind):
 
 
 # --- a tiny sweep, end to end -----------------------------------------------------------------------
-
-TINY = """
-base: {base}
-experiment: tiny-sweep
-data:
-  root: {root}
-  image_size: 32
-model:
-  unet: tiny
-diffusion:
-  num_train_timesteps: 20
-train:
-  epochs: 2
-  batch_size: 16
-  warmup_steps: 0
-  log_every: 3
-eval:
-  every_epochs: 1
-  split: new_test.json   # 32 label sets instead of val.json's 64: half the sampling
-  steps: 2
-  evaluator: {evaluator}
-  test_splits: [test.json]
-  final_seeds: 1
-"""
 
 SWEEP = """
 sweep:
@@ -216,15 +195,9 @@ ACCURACIES = {0: [0.5, 0.6], 1: [0.1, 0.9], 2: [0.7, 0.8], 3: RuntimeError("data
 
 
 @pytest.fixture
-def tiny_sweep(tiny_root, tmp_path, monkeypatch):
-    from lab.eval import build_resnet, save_evaluator
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    torch.manual_seed(0)
-    save_evaluator(build_resnet(), tmp_path / "evaluator.pth")
-    (tmp_path / "tiny.yaml").write_text(TINY.format(base=EXPERIMENTS / "base.yaml", root=tiny_root,
-                                                    evaluator=tmp_path / "evaluator.pth"))
-    prepare = trainer.prepare
+def tiny_sweep(tiny_sweep_base, tmp_workdir, tmp_path, monkeypatch):
+    tiny_sweep_base("tiny-sweep", epochs=2)
+    prepare = build.prepare
 
     def prepare_with_known_accuracies(config, config_path, device=None):
         values, calls = ACCURACIES[int(config.run_name.rsplit("trial", 1)[1])], count()
@@ -241,7 +214,7 @@ def tiny_sweep(tiny_root, tmp_path, monkeypatch):
         metrics, images = validate(model, setup, reference_features, step)
         return {**metrics, "val_accuracy": setup.evaluator.accuracy(images, setup.val_labels)}, images
     validate = trainer.validate
-    monkeypatch.setattr(trainer, "prepare", prepare_with_known_accuracies)
+    monkeypatch.setattr(build, "prepare", prepare_with_known_accuracies)
     monkeypatch.setattr(trainer, "validate", validate_with_known_accuracies)
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
@@ -262,7 +235,7 @@ def test_tiny_sweep_prunes_nests_runs_and_resumes(tiny_sweep, tmp_path, capsys):
     assert study.best_trial.number == 2 and "best trial 2: val_accuracy 0.8000" in out
 
     client = MlflowClient()
-    parent_id = study.user_attrs[sweeps.PARENT_RUN_ATTR]
+    parent_id = study.user_attrs[PARENT_RUN_ATTR]
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "tiny" and parent.info.status == "FINISHED" and parent_id in out
     assert parent.data.tags["optuna_study"] == "tiny" and parent.data.metrics["best_value"] == 0.8
@@ -305,7 +278,7 @@ def test_tiny_sweep_prunes_nests_runs_and_resumes(tiny_sweep, tmp_path, capsys):
     assert main([str(tiny_sweep), "--n-trials", "4", "--device", "cpu"]) == 0
     study = optuna.load_study(study_name="tiny", storage="sqlite:///optuna.db")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "COMPLETE", "FAIL", "PRUNED"]
-    assert study.user_attrs[sweeps.PARENT_RUN_ATTR] == parent_id
+    assert study.user_attrs[PARENT_RUN_ATTR] == parent_id
     runs = trial_runs()
     assert sorted(runs) == [0, 1, 2, 3, 4]
     assert runs[3].info.status == "FAILED" and runs[3].data.tags["optuna_state"] == "FAIL"

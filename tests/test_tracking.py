@@ -11,15 +11,14 @@ from PIL import Image
 from lab.config import load_config
 from lab.metrics import kernel_distance
 from lab.tracking import Tracker
-from tests.conftest import EXPERIMENTS
 
 
 @pytest.fixture
-def tracker(tmp_path, monkeypatch):
+def tracker(tmp_path, monkeypatch, experiments_dir):
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # no background thread in a unit test
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config = load_config(EXPERIMENTS / "base.yaml", [f"output_dir={tmp_path}", "experiment=unit"])
-    tracker.start(config, EXPERIMENTS / "base.yaml")
+    config = load_config(experiments_dir / "base.yaml", [f"output_dir={tmp_path}", "experiment=unit"])
+    tracker.start(config, experiments_dir / "base.yaml")
     return tracker
 
 

@@ -1,4 +1,4 @@
-"""`python -m lab.bench`: one run that measures, side by side on the same machine,
+"""`python bench.py`: one run that measures, side by side on the same machine,
 
 (a) training images/s of the common reference loop and of the trainer's fast path (steady state after
     warm-up; the warm-up overhead, i.e. compilation on GPU, reported separately) and their ratio,
@@ -9,16 +9,17 @@
 
 prints one table per section with the ratios and the issue's targets, and writes every figure to JSON.
 
-    python -m lab.bench experiments/base.yaml --json docs/bench-h100.json      # on a GPU: the config as given
-    python -m lab.bench                                                        # on CPU: a shrunk smoke run
+    python bench.py experiments/base.yaml --json docs/bench-h100.json      # on a GPU: the config as given
+    python bench.py                                                        # on CPU: a shrunk smoke run
 
 The reference loop is the common baseline the fast path replaces: a torch DataLoader whose Dataset opens
 each PNG with PIL per item and applies torchvision's Resize/ToTensor/Normalize, fp32, eager, plain (not
 fused) Adam and `loss.item()` every step. It trains the same architecture on the same loss
-(`lab.trainer.diffusion_loss`), with the same gradient clipping and EMA as the config, so the ratio
+(`lab.diffusion.diffusion_loss`), with the same gradient clipping and EMA as the config, so the ratio
 measures the input pipeline and the execution settings, not dropped work. The fast path is the trainer's
-own `optimizer_step` on the uint8 training set resident on the device, with the optimiser, autocast,
-channels_last, TF32 and torch.compile settings `train()` derives from the config.
+own step object, `lab.trainer.TrainStep`, built from the config exactly as `train()` builds it (uint8
+training set resident on the device, optimiser, autocast, channels_last, TF32, torch.compile) and
+driven the way `train()` drives it: seeded epochs, the loss read back as `train()` reads it.
 
 On CPU (or with --quick) the config is shrunk the lightning-hydra way, by overrides (`quick_overrides`: a
 tiny UNet at 32x32, 100 training timesteps, batch 8), on a 20-scene synthetic root rendered into a
@@ -46,10 +47,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from lab import build, tracking
 from lab.config import load_config
 from lab.errors import UserError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "base.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "experiments" / "base.yaml"
 SAMPLE_BATCH = 32                     # sampling time is reported per batch of this many images
 SAMPLERS = ["ddpm", "ddim-50", "ddim-100", "dpmsolver++-20"]  # "ddpm" = all training timesteps
 GUIDANCE = [1.0, 2.0]                 # 1 = no guidance; > 1 = classifier-free guidance (one doubled batch)
@@ -69,7 +71,7 @@ GPU_DEFAULTS = {"steps": 100, "warmup": 10, "val_sets": None, "log_events": 50}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
                         help="experiment YAML (default: experiments/base.yaml)")
@@ -109,7 +111,7 @@ def parse_args(argv=None):
 
 def parse_sampler(name):
     """'ddim-50' -> ('ddim', 50); 'ddpm' -> ('ddpm', None): all training steps ('ddpm-N' must name all of them)."""
-    from lab.schedules import SAMPLERS as KNOWN
+    from lab.config import SAMPLER_NAMES as KNOWN
     if name == "ddpm":
         return name, None
     kind, _, steps = name.rpartition("-")
@@ -186,13 +188,11 @@ class PilImages(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), self.labels[i]
 
 
-def bench_reference(setup, initial, root, args, steps, warmup):
+def bench_reference(setup, initial, args, steps, warmup):
     """fp32, eager, PIL per item in a DataLoader, plain Adam, .item() every step."""
-    from diffusers.training_utils import EMAModel
-
-    from lab.trainer import diffusion_loss
+    from lab.diffusion import diffusion_loss
     config, device, tc = setup.config, setup.device, setup.config.train
-    dataset = PilImages(root / config.data.image_dir, setup.data.names, setup.data.labels, config.data.image_size,
+    dataset = PilImages(setup.root / config.data.image_dir, setup.data.names, setup.data.labels, config.data.image_size,
                         config.data.hflip)
     if len(dataset) < tc.batch_size:
         raise UserError("train.batch_size", f"{tc.batch_size} is more than the {len(dataset)} training images")
@@ -204,9 +204,8 @@ def bench_reference(setup, initial, root, args, steps, warmup):
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # plain fp32
     model = copy.deepcopy(initial).to(device).train()
-    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)  # not fused
-    ema = EMAModel(model.parameters(), decay=tc.ema.decay, use_ema_warmup=tc.ema.warmup) if tc.ema.enabled else None
+    optimizer = build.make_optimizer(config, model.parameters())  # not fused
+    ema = build.make_ema(config, model.parameters())
     generator = torch.Generator(device).manual_seed(config.seed)
     batches = None
     losses = []
@@ -245,83 +244,54 @@ def bench_reference(setup, initial, root, args, steps, warmup):
 
 # --- (a) the fast path ----------------------------------------------------------------------------------
 
-def fast_objects(setup, total_steps):
-    """The optimisation objects lab.trainer.train() builds: (forward, optimizer, lr_schedule, ema, compiled)."""
-    from lab.trainer import build_optimisation, compiles
-    optimizer, lr_schedule, ema, forward = build_optimisation(setup, total_steps)
-    return forward, optimizer, lr_schedule, ema, compiles(setup.config.train, setup.device)
-
-
 def bench_fast(setup, steps, warmup):
-    """lab.trainer.optimizer_step on the resident uint8 set, sampled and read back as train() does."""
-    from lab.trainer import optimizer_step
-    config, device, tc = setup.config, setup.device, setup.config.train
+    """lab.trainer.TrainStep, the trainer's own step object, driven and read back as train() drives it."""
+    from lab.trainer import TrainStep
+    device = setup.device
     reset_peak(device)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    setup.model.to(device).train()
-    images = setup.data.images.to(device) if config.data.on_device else setup.data.images
-    labels = setup.data.labels.to(images.device)
-    per_step = tc.batch_size * tc.grad_accum
-    steps_per_epoch = max(len(images) // per_step, 1)
-    forward, optimizer, lr_schedule, ema, compiled = fast_objects(setup, warmup + steps)
-    stats = torch.zeros(3, 4, device=device)
-    gen = torch.Generator(device).manual_seed(config.seed * 100_003 * 1_009)
-    order = None
-    losses = []
+    setup.model.to(device)
+    train_step = TrainStep(setup, total_steps=warmup + steps)
+    every, losses = setup.config.train.log_every, []
 
     def step(k):
-        nonlocal order
-        i = k % steps_per_epoch
-        if i == 0:  # a new epoch: train()'s seeded shuffle
-            order = torch.randperm(len(images), device=device, generator=torch.Generator(device).manual_seed(
-                config.seed * 100_003 + k // steps_per_epoch)).to(images.device)
-        micro_batches = []
-        for micro in range(tc.grad_accum):
-            idx = order[(i * tc.grad_accum + micro) * tc.batch_size:][:tc.batch_size]
-            micro_batches.append((images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)))
-        optimizer_step(micro_batches, forward=forward, model=setup.model, optimizer=optimizer, lr_schedule=lr_schedule,
-                       ema=ema, setup=setup, generator=gen, stats=stats, step=k + 1)
-        log_now = (k + 1) % tc.log_every == 0
-        if log_now or device.type == "cpu":  # train()'s only host sync
-            loss_sum, count, _ = stats.clone().cpu()
-            losses.append(float(loss_sum.sum() / count.sum()))
-        if log_now:
-            stats.zero_()
+        epoch, i = divmod(k, train_step.steps_per_epoch)
+        if i == 0:
+            train_step.start_epoch(epoch)
+        train_step(i, k + 1)
+        if (k + 1) % every == 0 or device.type == "cpu":  # train()'s readback: every step on CPU
+            window = train_step.read_window()
+            losses.append(float("nan") if window.first_nonfinite else window.loss)
+            if (k + 1) % every == 0:
+                train_step.reset_window()
 
     try:
         warmup_s, step_s = timed_steps(step, warmup, steps, device, desc="fast path")
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    loss_sum, count, bad = stats.cpu()
-    final = float(loss_sum.sum() / count.sum()) if count.sum() else (losses[-1] if losses else float("nan"))
-    if bad[0] > 0 or not all(map(math.isfinite, [*losses, final])):
+    window = train_step.read_window()
+    final = window.loss if math.isfinite(window.loss) or not losses else losses[-1]  # an empty last window: 0/0
+    if window.first_nonfinite or not all(map(math.isfinite, [*losses, final])):
         raise UserError(setup.config_path, "the fast path's loss became non-finite")
-    figures = training_figures("fast", warmup_s, step_s, warmup, per_step, device, final_loss=final,
-                               compiled=compiled, autocast_bf16=_bf16(setup), resident_on=str(images.device),
-                               channels_last=tc.fast_path and device.type == "cuda",
-                               fused_optimizer=tc.fast_path and device.type == "cuda")
+    compiled, fast = build.compiles(setup.config, device), build.gpu_fast_path(setup.config, device)
+    figures = training_figures("fast", warmup_s, step_s, warmup, train_step.images_per_step, device,
+                               final_loss=final, compiled=compiled, autocast_bf16=build.uses_bf16(setup.config, device),
+                               resident_on=str(train_step.images.device), channels_last=fast, fused_optimizer=fast)
     if compiled:
         figures["compile_s"] = figures["first_steps_overhead_s"]
     setup.model.to("cpu")  # frees the device for sampling; the optimiser state goes with this frame
     return figures
 
 
-def _bf16(setup):  # as lab.trainer.autocast decides
-    mode = setup.config.train.mixed_precision
-    return mode == "bf16" or (mode == "auto" and setup.device.type == "cuda")
-
-
 # --- (c) sampling ---------------------------------------------------------------------------------------
 
 def sampling_setup(setup, initial, checkpoint):
-    """(setup for lab.trainer.generate, description of the model): a checkpoint's trained model with its own
+    """(setup for lab.sampling.generate, description of the model): a checkpoint's trained model with its own
     config's schedule and image size, or the config's freshly initialised model."""
-    from lab.schedules import make_noise_scheduler
-    from lab.trainer import load_for_sampling
+    from lab.sampling import load_for_sampling
     if checkpoint:
         model, config = load_for_sampling(checkpoint, setup.device)
-        scheduler = make_noise_scheduler(config.diffusion.beta_schedule, config.diffusion.num_train_timesteps,
-                                         config.diffusion.prediction_type)
+        scheduler = build.noise_scheduler(config)
         described = f"trained: {checkpoint}"
     else:
         model, config, scheduler = copy.deepcopy(initial).to(setup.device).eval(), setup.config, setup.noise_scheduler
@@ -332,7 +302,7 @@ def sampling_setup(setup, initial, checkpoint):
 
 def bench_sampling(ssetup, labels, evaluator, runs, guidances, seeds):
     from lab.eval import for_evaluator
-    from lab.trainer import generate
+    from lab.sampling import generate
     device, model = ssetup.device, ssetup.model
     T = ssetup.noise_scheduler.config.num_train_timesteps
     for g in guidances:  # warm-up (allocator, cuDNN autotuning) for both batch shapes, untimed
@@ -380,16 +350,9 @@ def bench_logging(config, config_path, fast_step_s, events):
     temporary SQLite store, amortised per training step."""
     from lab.tracking import Tracker
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-mlflow-") as tmp:
-        tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
         # the run's artifacts (config.yaml) go to the temporary folder, not ./mlruns
-        tracker.client.create_experiment(config.experiment, artifact_location=(Path(tmp) / "artifacts").as_uri())
+        tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}", artifact_location=(Path(tmp) / "artifacts").as_uri())
         tracker.start(config, config_path)
-        operations, log_batch = [], tracker.client.log_batch
-
-        def keep(*args, **kwargs):  # this tracker's asynchronous batches, to wait for exactly them
-            operations.append(log_batch(*args, **kwargs))
-            return operations[-1]
-        tracker.client.log_batch = keep
         every = config.train.log_every
 
         def metrics(k):  # what train() logs every log_every steps (loss_q* for each non-empty quartile)
@@ -397,7 +360,6 @@ def bench_logging(config, config_path, fast_step_s, events):
                     "images_per_s": 1000.0 + k, **{f"loss_q{q}": 0.02 * q for q in range(1, 5)}}
         tracker.log_metrics(metrics(0), 0)  # untimed: the background writer's start-up is a one-off
         tracker.flush()
-        _wait(operations)
         calls = []
         loop_start = time.perf_counter()
         for k in range(events):
@@ -405,29 +367,22 @@ def bench_logging(config, config_path, fast_step_s, events):
             tracker.log_metrics(metrics(k), (k + 1) * every)  # one asynchronous batch per call, as in train()
             calls.append(time.perf_counter() - start)
         start = time.perf_counter()
-        tracker.flush()  # train() waits before checkpoints and at the end: spread over the run
+        tracker.flush()  # until the background writer has stored everything; train() waits before checkpoints
         calls[-1] += time.perf_counter() - start
-        _wait(operations)  # until the background writer has stored everything
         with_drain = time.perf_counter() - loop_start
-        tracker.client.set_terminated(tracker.run_id, "FINISHED")
         history = tracker.client.get_metric_history(tracker.run_id, "loss")
+        tracker.end()
     if len(history) != events + 1:
         raise UserError("mlflow", f"{len(history)} of {events + 1} logged loss points reached the store")
     per_event = sum(calls) / events
     per_event_drained = with_drain / events
     return {"metrics_per_event": len(metrics(0)), "metric_names": list(metrics(0)), "events": events,
-            "log_every": every, "batches_sent": len(operations) - 1,
+            "log_every": every, "batches_sent": events,
             "call_ms_per_event": per_event * 1e3, "max_call_ms": max(calls) * 1e3,
             "with_background_ms_per_event": per_event_drained * 1e3,
             "ms_per_step": per_event / every * 1e3, "fast_step_ms": fast_step_s * 1e3,
             "share_pct": 100 * per_event / every / fast_step_s,
             "share_with_background_pct": 100 * per_event_drained / every / fast_step_s}
-
-
-def _wait(operations):
-    for operation in operations:
-        if operation is not None:  # a synchronous store returns None
-            operation.wait()
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -445,22 +400,8 @@ def env(name, value):
             os.environ[name] = old
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def run(args, argv):
-    from lab.data import resolve_root
-    from lab.trainer import prepare
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = build.pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device", "cuda requested but no CUDA device is available")
     shrunk = args.quick or device.type == "cpu"
@@ -493,16 +434,15 @@ def run(args, argv):
             overrides = quick_overrides(root, tmp / "evaluator.pth", tmp)
         overrides += args.overrides
         config = load_config(args.config, overrides)
-        machine = device_name(device)
+        machine = tracking.machine(device)
         print(f"lab.bench: {'shrunk ' if shrunk else ''}{Path(args.config).name} on {machine}", flush=True)
-        setup = prepare(config, args.config, device)
-        root = resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+        setup = build.prepare(config, args.config, device)
         initial = copy.deepcopy(setup.model).cpu()  # both paths and the untrained sampler start from these weights
         setup.model.cpu()
         phase("setup")
 
         print(f"(a) reference loop: {warmup} warm-up + {steps} timed steps", flush=True)
-        reference = bench_reference(setup, initial, root, args, steps, warmup)
+        reference = bench_reference(setup, initial, args, steps, warmup)
         phase("reference")
         print(f"(a) fast path: {warmup} warm-up + {steps} timed steps", flush=True)
         fast = bench_fast(setup, steps, warmup)
@@ -525,7 +465,7 @@ def run(args, argv):
     return {
         "meta": {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m lab.bench", *map(shlex.quote, argv)]),
+            "command": " ".join(["python bench.py", *map(shlex.quote, argv)]),
             "device": str(device), "device_name": machine, "torch_threads": threads, "shrunk": shrunk,
             "torch": torch.__version__, "diffusers": diffusers.__version__, "mlflow": mlflow.__version__,
             "python": platform.python_version(), "load_average_at_start": load_at_start,

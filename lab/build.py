@@ -1,0 +1,176 @@
+"""A validated config becomes built objects here, and only here: the data root, the model, the noise
+scheduler, the evaluator, the optimiser, EMA, autocast and compile decisions. The trainer, the sweeps,
+the report and the benchmark receive what this module builds; none of them decodes the config again.
+
+    setup = prepare(config, "experiments/base.yaml")     # a training Setup (data, model, evaluator, ...)
+    opt = optimisation(config, setup.model, setup.device, total_steps)
+    scoring = sampling_setup(model, config, device)      # what sampling a checkpoint needs, no training data
+"""
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from lab import parallel
+from lab.config import check_inputs, check_split_files
+from lab.data import load_condition_sets, load_objects, load_train, resolve_root
+from lab.diffusion import make_noise_scheduler
+from lab.errors import UserError
+from lab.eval import ensure_evaluator
+from lab.model_zoo import build_model
+
+
+@dataclass
+class SamplingSetup:
+    """What sampling and scoring need: built for a training run, or for a checkpoint scored later."""
+    config: object          # ExperimentConfig: eval.* (sampler, steps, guidance), data.image_size, autocast
+    device: torch.device
+    model: torch.nn.Module
+    noise_scheduler: object  # the training DDPMScheduler: the samplers take its betas
+    evaluator: object       # lab.eval.Evaluator
+    label_names: list       # label index -> name (objects.json), for the captions of sample grids
+    test_labels: dict       # split name -> multi-hot label sets, scored at the end
+
+
+@dataclass
+class Setup(SamplingSetup):
+    """A training run: the sampling setup plus its data, validation labels and run folder."""
+    config_path: Path
+    root: Path              # the data root, the synthetic one rendered
+    data: object            # lab.data.TrainingSet
+    val_labels: torch.Tensor
+    out_dir: Path
+
+
+def pick_device(name=None):
+    """This process's device: cuda:LOCAL_RANK under a launcher, else `name`, else cuda when available."""
+    return parallel.device_for_rank(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def data_root(config):
+    """The config's data root; the synthetic default is rendered on first use."""
+    return resolve_root(config.data.root, config.data.synthetic_seed, config.data.synthetic_scenes)
+
+
+def final_splits(root, config):
+    """The splits scored at the end: eval.test_splits, and the held-out-pairs split where the root has it."""
+    heldout = config.eval.heldout_split
+    extra = [heldout] if heldout and heldout not in config.eval.test_splits and (root / heldout).is_file() else []
+    return [*config.eval.test_splits, *extra]
+
+
+def model(config):
+    return build_model(config.model.unet, config.model.conditioning, image_size=config.data.image_size,
+                       **config.model.overrides)
+
+
+def noise_scheduler(config):
+    d = config.diffusion
+    return make_noise_scheduler(d.beta_schedule, d.num_train_timesteps, d.prediction_type)
+
+
+def prepare(config, config_path, device=None):
+    """Everything a run needs, checked before a run is created: a bad input leaves nothing behind."""
+    device = pick_device(device)
+    parallel.init(device)
+    if not parallel.is_main():
+        parallel.barrier()  # wait for the main process to render the data and train the evaluator
+    setup = _prepare(config, config_path, device)
+    if parallel.is_main():
+        parallel.barrier()
+    return setup
+
+
+def _prepare(config, config_path, device):
+    if parallel.is_main():
+        check_inputs(config)
+    root = data_root(config)
+    check_split_files(root, config)
+    seed_everything(config.seed)
+    unet = model(config).to(device)
+    data = load_train(root, config.data.image_size, config.data.image_dir)
+    if data.labels.shape[1] != unet.build_kwargs["num_labels"]:
+        raise UserError(root, f"{data.labels.shape[1]} labels in objects.json; the models expect 24")
+    return Setup(
+        config=config, device=device, model=unet, noise_scheduler=noise_scheduler(config),
+        evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri), label_names=data.label_names,
+        test_labels={name: load_condition_sets(root, name) for name in final_splits(root, config)},
+        config_path=Path(config_path), root=root, data=data,
+        val_labels=load_condition_sets(root, config.eval.split), out_dir=Path(config.output_dir) / config.run_name)
+
+
+def sampling_setup(unet, config, device, splits=None):
+    """Sampling and scoring `unet` (a checkpoint's model) with the data root and evaluator its config names."""
+    root = data_root(config)
+    return SamplingSetup(config=config, device=device, model=unet, noise_scheduler=noise_scheduler(config),
+                         evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri),
+                         label_names=load_objects(root),
+                         test_labels={name: load_condition_sets(root, name)
+                                      for name in splits or final_splits(root, config)})
+
+
+# --- how the model trains --------------------------------------------------------------------------------
+
+def uses_bf16(config, device):
+    """bf16 autocast when asked, or by default on GPU."""
+    mode = config.train.mixed_precision
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
+def autocast(config, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(config, device))
+
+
+def compiles(config, device):
+    return config.train.compile == "on" or (config.train.compile == "auto" and device.type == "cuda")
+
+
+def gpu_fast_path(config, device):
+    """TF32 matmuls, channels_last weights and inputs, a fused optimiser: on GPU unless train.fast_path is off."""
+    return config.train.fast_path and device.type == "cuda"
+
+
+def make_optimizer(config, parameters, fused=None):
+    tc = config.train
+    opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(parameters, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
+
+
+def make_ema(config, parameters):
+    ema = config.train.ema
+    return EMAModel(parameters, decay=ema.decay, use_ema_warmup=ema.warmup) if ema.enabled else None
+
+
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    ema: object             # diffusers EMAModel, or None
+    wrapped: torch.nn.Module  # DistributedDataParallel over the model under data parallel, else the model
+    forward: object         # what the loss calls: `wrapped`, compiled when the config says so
+
+
+def optimisation(config, unet, device, total_steps):
+    """Optimizer, LR schedule, EMA and the forward callable (DDP-wrapped, compiled) for `unet`."""
+    fast = gpu_fast_path(config, device)
+    if fast:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        unet.to(memory_format=torch.channels_last)
+    tc = config.train
+    optimizer = make_optimizer(config, unet.parameters(), fused=fast or None)
+    lr_schedule = get_scheduler("cosine" if tc.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
+                                num_warmup_steps=tc.warmup_steps, num_training_steps=total_steps)
+    wrapped = parallel.wrap(unet, device)
+    # state_dicts stay on `unet`: no _orig_mod. prefix
+    forward = torch.compile(wrapped) if compiles(config, device) else wrapped
+    return Optimisation(optimizer, lr_schedule, make_ema(config, unet.parameters()), wrapped, forward)
