@@ -12,10 +12,12 @@ from run_experiment import main
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))  # base, quickstart, every ablation, every sweep
-# Shrunk the lightning-hydra way, by overrides: the tiny UNet at 32x32, two steps, one sampling seed, one split.
-# A sweep searches some of these keys itself (sweep.space): those stay as the sweep draws them.
+# Shrunk the lightning-hydra way, by overrides: the tiny UNet at 32x32, two steps, one sampling seed, one test
+# split, validation on new_test.json (32 label sets, half of val.json). A sweep searches some of these keys itself
+# (sweep.space): those stay as the sweep draws them.
 SHRINK = {"data.image_size": 32, "model.unet": "tiny", "train.batch_size": 4, "train.max_steps": 2,
           "train.log_every": 1, "eval.steps": 2, "eval.val_seeds": 1, "eval.final_seeds": 1,
+          "eval.split": "new_test.json",
           "eval.test_splits": "[test.json]", "eval.heldout_split": "null", "diffusion.num_train_timesteps": 10}
 SWEEP_SHRINK = {**SHRINK, "diffusion.num_train_timesteps": 100}  # eval.steps may be searched up to 100
 
