@@ -196,8 +196,9 @@ def add_intervals(table, frame, keys, metric):
     samples = {k if isinstance(k, tuple) else (k,): list(group[metric])
                for k, group in frame.groupby(keys, sort=False, dropna=False)}
     values = [samples[tuple(row[k] for k in keys)] for _, row in table.iterrows()]
-    table[f"{metric}_low"] = [mean_interval(v)[2] for v in values]
-    table[f"{metric}_high"] = [mean_interval(v)[3] for v in values]
+    intervals = [mean_interval(v) for v in values]
+    table[f"{metric}_low"] = [interval[2] for interval in intervals]
+    table[f"{metric}_high"] = [interval[3] for interval in intervals]
     base = table.index[table["ablation"] == "base"] if "ablation" in keys else []
     if len(base) == 1 and len(table) > 1:
         differences = [difference_interval(v, values[base[0]]) for v in values]
