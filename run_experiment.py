@@ -20,7 +20,8 @@ def parse_args(argv=None):
                         "it names (an ablation at another scale: --base experiments/cpu.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="check the config and its inputs as a run would (loading no data), print it as YAML and exit")
     parser.add_argument("--seeds", type=int, nargs="+", help="repeat over these seeds (overrides `seeds:`)")
-    parser.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint and start over")
+    parser.add_argument("--fresh", action="store_true", help="ignore an interrupted run's checkpoint and start over; "
+                        "train even when a finished run already trained this config (only its sampling differs)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--n-trials", type=int, metavar="N",
                         help="sweep files: finished trials the study should hold in total (overrides sweep.n_trials)")

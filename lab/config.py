@@ -16,16 +16,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
 
 from lab.errors import UserError
-from lab.unets import size_problem
+from lab.unets import attention_problem, size_problem
 
 # The registries' names, as typed choices: model_json_schema() lists them, and checking a config needs no
 # torch. tests/test_config.py keeps each equal to its registry (lab.model_zoo, lab.diffusion, lab.sampling).
-UNET_NAMES = ("reference", "small", "wide", "attn_16_8", "tiny")
+UNET_NAMES = ("reference", "small", "cpu", "tiny")
 CONDITIONING_NAMES = ("time_add", "adagn", "cross_attn", "concat")
 BETA_SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
 PREDICTION_TYPE_NAMES = ("epsilon", "v_prediction")
 LOSS_WEIGHTING_NAMES = ("uniform", "min_snr")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++")
+CFG_NULL_NAMES = ("learned", "count")
 
 
 def choice(names):
@@ -94,7 +95,11 @@ class ModelConfig(Section):
     unet: choice(UNET_NAMES) = "reference"  # lab.unets.UNETS
     conditioning: choice(CONDITIONING_NAMES) = "time_add"  # lab.model_zoo.CONDITIONING
     overrides: dict = {}                 # extra diffusers UNet kwargs (e.g. block_out_channels)
+    patch_size: int = Field(1, ge=1, le=16)  # the UNet works on p x p pixel patches (3p^2 channels at size/p)
+    width: float = Field(1.0, gt=0, le=8)  # channels x width (the UNet axis at any scale: 0.5 smaller, 1.5 wider)
+    attention_resolutions: Optional[list[int]] = None  # UNet feature-map sizes with self-attention; null: the variant's
     cfg_dropout: float = Field(0.0, ge=0, lt=1)  # label dropout to the learned null condition (CFG)
+    cfg_null: choice(CFG_NULL_NAMES) = "learned"  # count: the null also knows how many labels were asked for
 
 
 class DiffusionConfig(Section):
@@ -124,11 +129,19 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)     # micro-batches per optimizer step
     grad_clip: Optional[float] = Field(1.0, gt=0)
     ema: EmaConfig = EmaConfig()
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto = bf16 autocast on GPU
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto = bf16 autocast on GPU and native-bf16 CPUs
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the UNet; auto = on GPU
     fast_path: bool = True               # on GPU: channels_last, TF32 matmuls, fused optimizer
     log_every: int = Field(50, ge=1)     # steps between loss/lr/throughput points
     checkpoint_every: int = Field(1, ge=1)  # epochs between "latest" checkpoints
+
+    @field_validator("mixed_precision", "compile", mode="before")
+    @classmethod
+    def yaml_booleans_are_words(cls, value, info):
+        """YAML reads `no`, `on` and `off` as booleans: `--set train.compile=off` means the word."""
+        if isinstance(value, bool):
+            return {"mixed_precision": {False: "no"}, "compile": {True: "on", False: "off"}}[info.field_name].get(value, value)
+        return value
 
 
 class EvalConfig(Section):
@@ -179,15 +192,22 @@ class ExperimentConfig(Section):
 
 
 def cross_checks(config):
-    """(dotted key, problem) for a config that cannot be built: an image size the UNet cannot halve enough,
-    UNet overrides diffusers rejects (asked of diffusers itself, only when there are overrides)."""
+    """(dotted key, problem) for a config that cannot be built: a patch size or image size the UNet cannot
+    halve enough, attention at a size the UNet does not have, UNet overrides diffusers rejects (asked of
+    diffusers itself, only when there are overrides)."""
     model = config.model
-    problem = size_problem(model.unet, config.data.image_size, model.overrides)
+    if config.data.image_size % model.patch_size:
+        return [("model.patch_size", f"{model.patch_size} does not divide data.image_size {config.data.image_size}")]
+    problem = size_problem(model.unet, config.data.image_size, model.overrides, model.patch_size)
     if problem:
         return [("data.image_size", problem)]
+    problem = attention_problem(model.unet, config.data.image_size, model.patch_size, model.attention_resolutions,
+                                model.overrides)
+    if problem:
+        return [("model.attention_resolutions", problem)]
     if model.overrides:
-        from lab.model_zoo import unet_problem  # torch and diffusers load only for overrides
-        problem = unet_problem(model.unet, model.conditioning, config.data.image_size, model.overrides)
+        from lab.build import unet_problem  # torch and diffusers load only for overrides
+        problem = unet_problem(config)
         return [("model.overrides", problem)] if problem else []
     return []
 
@@ -338,6 +358,21 @@ def check_split_files(root, config):
     for name in [config.eval.split, *config.eval.test_splits]:
         if not (root / name).is_file():
             raise UserError(root / name, "label-set file not found (eval.split / eval.test_splits)")
+
+
+# Keys that change how a trained model is sampled and scored, not how it trains; and the run's bookkeeping.
+SAMPLING_KEYS = {"eval.sampler", "eval.steps", "eval.eta", "eval.guidance_scale", "eval.batch_size", "eval.val_seeds",
+                 "eval.final_seeds", "eval.test_splits", "eval.heldout_split"}
+BOOKKEEPING_KEYS = {"experiment", "run_name", "preset", "ablation", "seeds", "tracking_uri", "output_dir"}
+
+
+def training_key(config):
+    """A digest of everything that decides what a run trains (seed included): two configs with the same key
+    differ only in sampling, scoring or bookkeeping, so one training serves both (lab/trainer.py, rescore)."""
+    import hashlib
+    import json
+    kept = {k: v for k, v in flatten(config).items() if k not in SAMPLING_KEYS | BOOKKEEPING_KEYS}
+    return hashlib.blake2b(json.dumps(kept, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def to_yaml(config):

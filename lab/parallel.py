@@ -46,6 +46,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def broadcast(tensor, source=0):
+    """The main process's value on every process."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, source)
+    return tensor
+
+
 def all_reduce_min(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)

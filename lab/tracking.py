@@ -29,7 +29,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils import git_utils
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME
 
-from lab.config import flatten, to_yaml, tracking_uri_problem
+from lab.config import flatten, to_yaml, tracking_uri_problem, training_key
 from lab.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -265,7 +265,8 @@ class Tracker:
             self.start_system_metrics(resume=True)
         else:
             tags = run_context_tags({"mlflow.runName": config.run_name, "config_file": str(config_path),
-                                     "ablation": config.ablation, "seed": str(config.seed), **(extra_tags or {})})
+                                     "ablation": config.ablation, "seed": str(config.seed),
+                                     "training_key": training_key(config), **(extra_tags or {})})
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             self.run_id = self.client.create_run(experiment_id(self.client, config.experiment, self.artifact_location),
@@ -279,6 +280,21 @@ class Tracker:
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
             self.client.log_text(self.run_id, to_yaml(config), "config.yaml")
         return self.run_id
+
+    def trained_run(self, config):
+        """(run id, best.pt path) of a FINISHED run of `config`'s experiment that trained exactly what `config`
+        trains (same training_key: only sampling or scoring differ) and whose best.pt is on this machine;
+        None when there is none. Runs that reused another's training do not count."""
+        experiment = self.client.get_experiment_by_name(config.experiment)
+        if experiment is None:
+            return None
+        runs = self.client.search_runs([experiment.experiment_id], f"tags.training_key = '{training_key(config)}' "
+                                       "and attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+        for run in runs:
+            checkpoint = run.data.tags.get("best_checkpoint")
+            if "trained_by" not in run.data.tags and checkpoint and Path(checkpoint).is_file():
+                return run.info.run_id, Path(checkpoint)
+        return None
 
     def _reopen(self, run_id):
         try:

@@ -90,6 +90,7 @@ class TrainStep:
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.opt.optimizer.step()
+        self.opt.clock.tick(step, self.device)
         self.opt.lr_schedule.step()
         self.opt.optimizer.zero_grad(set_to_none=True)
         if self.opt.ema is not None:
@@ -175,6 +176,10 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
         log(f"{out} holds a finished run (MLflow run {run_id}); pass --fresh to train again")
         return resume["summary"]
 
+    trained = tracker.trained_run(config) if main and not (resume or fresh) and parallel.world_size() == 1 else None
+    if trained:
+        return rescore(setup, tracker, trained, run_id, extra_tags, log)
+
     train_step = TrainStep(setup)
     step, start_epoch, best_acc = 0, 0, -1.0
     if resume:
@@ -198,7 +203,7 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                    disable=None if main else True)  # one bar per process group
         reference_features = None
         window_start, window_images = time.perf_counter(), 0
-        started = time.perf_counter()
+        train_step.opt.clock.start(step, resume.get("spent_s", 0.0) if resume else 0.0)
         for epoch in range(start_epoch, train_step.epochs):
             train_step.start_epoch(epoch)
             for i in range(train_step.steps_per_epoch):
@@ -206,9 +211,8 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                 step += 1
                 window_images += train_step.images_per_step
                 bar.update()
-                # a time budget (the CPU quickstart) ends the run as if this were the last step
-                spent = bool(tc.max_minutes) and out_of_time(started, tc.max_minutes, device)
-                last = step >= train_step.total_steps or spent
+                # a time budget (the CPU presets) ends the run as if this were the last step
+                last = step >= train_step.total_steps or train_step.opt.clock.out_of_time
                 log_now = step % tc.log_every == 0 or last
                 # a NaN stops the run at once on CPU, where a readback is free; on GPU every log_every steps
                 if log_now or device.type == "cpu":
@@ -230,8 +234,11 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
             if main and ((epoch + 1) % config.eval.every_epochs == 0 or last):
                 if reference_features is None:
                     reference_features = real_features(setup)
-                best_acc = validation(train_step, setup, tracker, reference_features, step, epoch + 1, best_acc,
-                                      best_path, bar, on_validation)
+                acc = validation(train_step.sampling_model(), setup, tracker, reference_features, step, best_acc,
+                                 best_path, bar.write)
+                best_acc = max(acc, best_acc)
+                if on_validation is not None:
+                    on_validation(step, epoch + 1, acc)  # may raise Stop (a pruned trial)
             if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
                 tracker.flush()  # metrics up to this step are stored before the state a resume starts from
                 save_latest(train_step, step, epoch + 1, best_acc, run_id, latest)
@@ -259,35 +266,51 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
             tracker.end(status)
 
 
-def out_of_time(started, minutes, device):
-    """Whether the time budget is spent; under data parallel the main process decides for all."""
-    flag = torch.tensor(float(time.perf_counter() - started > minutes * 60), device=device)
-    if parallel.world_size() > 1:
-        torch.distributed.broadcast(flag, 0)
-    return bool(flag)
-
-
-def validation(train_step, setup, tracker, reference_features, step, epoch, best_acc, best_path, bar, on_validation):
-    """Sample with the EMA weights, log the metrics, a grid and a strip, keep the best as best.pt; the best
-    accuracy so far."""
-    sampler_model = train_step.sampling_model()
-    metrics, images = validate(sampler_model, setup, reference_features, step)
+def validation(model, setup, tracker, reference_features, step, best_acc, best_path, write=print):
+    """Sample with `model` (the EMA weights), log the metrics, a grid and a strip, keep it as best.pt when it
+    beats `best_acc`; its validation accuracy."""
+    metrics, images = validate(model, setup, reference_features, step)
     acc = metrics["val_accuracy"]
     tracker.log_metrics(metrics, step)
     tracker.log_image(grid_image(images, setup.val_labels, setup), "val_samples", step)
-    strip = strip_image(sampler_model, setup, setup.config.seed)
+    strip = strip_image(model, setup, setup.config.seed)
     if strip is not None:
         tracker.log_image(strip, "denoising_strip", step)
     if acc > best_acc:
-        best_acc = acc
-        save_checkpoint({"model": sampler_model.state_dict(), "config": to_yaml(setup.config), "step": step,
+        save_checkpoint({"model": model.state_dict(), "config": to_yaml(setup.config), "step": step,
                          "val_accuracy": acc}, best_path)
-    bar.write(f"step {step}: val accuracy {acc:.3f} ± {metrics['val_accuracy_std']:.3f} over "
-              f"{setup.config.eval.val_seeds} seeds (best {best_acc:.3f}), kid {metrics['val_kid']:.4f}, "
-              f"fd {metrics['val_fd']:.1f}")
-    if on_validation is not None:
-        on_validation(step, epoch, acc)  # may raise Stop (a pruned trial)
-    return best_acc
+    write(f"step {step}: val accuracy {acc:.3f} ± {metrics['val_accuracy_std']:.3f} over "
+          f"{setup.config.eval.val_seeds} seeds (best {max(acc, best_acc):.3f}), kid {metrics['val_kid']:.4f}, "
+          f"fd {metrics['val_fd']:.1f}")
+    return acc
+
+
+def rescore(setup, tracker, trained, run_id, extra_tags, log):
+    """A config whose training is a finished run's (same training_key: only sampling or scoring differ, e.g. a
+    guidance scale or sampler ablation): that run's best.pt sampled with this config's sampler, validated and
+    scored as a run of its own, tagged `trained_by`. Nothing is trained; a killed rescore reruns into its run."""
+    config, out = setup.config, setup.out_dir
+    trained_id, checkpoint = trained
+    log(f"{config.run_name}: trains what MLflow run {trained_id} trained (only sampling or scoring differ); "
+        f"sampling its {checkpoint} instead of training again")
+    run_folder.announce(out)
+    status = "FAILED"
+    try:
+        run_id = tracker.start(config, setup.config_path, run_id=run_id, extra_tags={**(extra_tags or {}),
+                               "trained_by": trained_id},
+                               on_created=lambda new_id: run_folder.write_record(out, new_id, to_yaml(config)))
+        state = load_checkpoint(checkpoint)
+        setup.model.load_state_dict(state["model"])
+        acc = validation(setup.model, setup, tracker, real_features(setup), state["step"], -1.0, out / "best.pt", log)
+        summary = finish(setup, tracker, out / "best.pt", acc, state["step"])
+        tracker.flush()
+        save_checkpoint({"finished": True, "summary": summary, "config": to_yaml(config), "run_id": run_id},
+                        out / "latest.pt")
+        status = "FINISHED"
+        return summary
+    finally:
+        if tracker.run_id:
+            tracker.end(status)
 
 
 def validate(model, setup, reference_features, step):
@@ -324,6 +347,7 @@ def real_features(setup, count=2048):
 def save_latest(train_step, step, epochs_done, best_acc, run_id, path):
     """The resume state: weights, optimiser, schedule, EMA, RNG, where the run stands."""
     save_checkpoint({**train_step.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                     "spent_s": train_step.opt.clock.spent_s,
                      "epoch": epochs_done, "best_acc": best_acc, "run_id": run_id,
                      "config": to_yaml(train_step.config)}, path)
 

@@ -66,6 +66,10 @@ def test_deep_merge_and_overrides(tmp_path):
     ("base: base.yaml\ntrain: [\n", [], "child.yaml", "malformed YAML at line 3"),
     ("base: missing.yaml\n", [], "missing.yaml", "config file not found"),
     ("base: base.yaml\n", ["train.lr"], "--set", "expected key=value"),
+    ("base: base.yaml\ndata:\n  image_size: 32\n", ["model.patch_size=3"], "--set",
+     "model.patch_size: 3 does not divide data.image_size 32"),
+    ("base: base.yaml\nmodel:\n  unet: tiny\n  patch_size: 16\ndata:\n  image_size: 32\n", [], "child.yaml",
+     "data.image_size: 32 (2 in patches of 16) is not divisible by 4 (3 UNet levels)"),
 ])
 def test_bad_configs_give_one_line(tmp_path, text, overrides, where, words):
     write(tmp_path, "base.yaml", "train:\n  lr: 1.0e-4\n")
@@ -126,6 +130,7 @@ def test_the_schemas_choices_are_the_registries():
     assert config.PREDICTION_TYPE_NAMES == tuple(diffusion.PREDICTION_TYPES)
     assert config.LOSS_WEIGHTING_NAMES == tuple(diffusion.LOSS_WEIGHTINGS)
     assert config.SAMPLER_NAMES == tuple(sampling.SAMPLERS)
+    assert config.CFG_NULL_NAMES == tuple(model_zoo.CFG_NULLS)
     defs = config.ExperimentConfig.model_json_schema()["$defs"]
     assert defs["ModelConfig"]["properties"]["unet"]["enum"] == list(model_zoo.UNETS)
     assert defs["EvalConfig"]["properties"]["sampler"]["enum"] == list(sampling.SAMPLERS)
@@ -143,3 +148,12 @@ def test_a_dry_run_loads_neither_torch_nor_diffusers(tmp_path):
                                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_yaml_booleans_mean_the_words():
+    """YAML reads no/on/off as booleans; for these keys a user means the word."""
+    config = load_config(EXPERIMENTS / "quickstart.yaml",
+                         ["train.compile=off", "train.mixed_precision=no"])
+    assert (config.train.compile, config.train.mixed_precision) == ("off", "no")
+    assert load_config(EXPERIMENTS / "quickstart.yaml",
+                       ["train.compile=on"]).train.compile == "on"

@@ -210,9 +210,8 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
     """The recipe on a small synthetic root (scenes of 5 objects, all resolutions), loaded exactly as the
     course's evaluator class loads checkpoint.pth, scored on fresh scenes at 64x64 and drawn at 32x32
     then upsampled. The full recipe's figures take too long for CI (README): on 1,500 images this recipe
-    (9,000 images seen at 32x32, 1,500 at 64x64) gave 0.375 at 64x64 and 0.331 at 32->64 on 180 fresh
-    images (2-core AVX2 CPU, one thread); a recipe that loses the labels stays at chance, about 0.12 for
-    top-k of 24 labels."""
+    (12,000 images seen at 64x64) gave FIGURES on 180 fresh images; a recipe that loses the labels stays at
+    chance, about 0.12 for top-k of 24 labels."""
     import torchvision
     from torch import nn
 
@@ -221,7 +220,7 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
     from lab.eval import for_evaluator
     from lab.evaluator_training import train_evaluator
     root = write_root(tmp_path / "train", scenes=300, seed=5, objects=5, workers=2, progress=False)
-    recipe = {"phases": [[32, 9000, 2e-3], [64, 1500, 1e-3]], "batch_size": 64, "extra_scenes": 0}
+    recipe = {"phases": [[64, 12000, 2e-3]], "batch_size": 64, "extra_scenes": 0}
     path = train_evaluator(root, tmp_path / "checkpoint.pth", recipe=recipe, log=lambda line: None)
     course = torchvision.models.resnet18(weights=None)  # the course's evaluation_model.__init__
     course.fc = nn.Sequential(nn.Linear(512, 24), nn.Sigmoid())
@@ -232,7 +231,8 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
     with torch.no_grad():
         at_64 = course_accuracy(course(normalize(native.images)), native.labels)
         at_32 = course_accuracy(course(for_evaluator(normalize(small.images))), native.labels)
-    assert at_64 >= 0.2 and at_32 >= 0.2, (at_64, at_32)
+    print(f"64x64 {at_64:.3f}, 32->64 {at_32:.3f}")
+    assert at_64 >= 0.3 and at_32 >= 0.3, (at_64, at_32)
 
 
 def test_a_damaged_cached_evaluator_is_trained_again_with_a_notice(tiny_root, monkeypatch, capsys):

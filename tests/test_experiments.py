@@ -129,3 +129,81 @@ def test_a_time_budget_stops_then_validates_and_scores(tiny_experiment, capsys):
     assert run.info.status == "FINISHED"
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [1]
     assert {"test_accuracy", "new_test_accuracy", "best_val_accuracy"} <= set(run.data.metrics)
+
+
+def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch):
+    """mixed_precision auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX), float32
+    on CPUs that would emulate it; `no` and `bf16` are obeyed everywhere."""
+    import torch
+
+    from lab import build
+    config = load_config(EXPERIMENTS / "quickstart.yaml")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert config.train.mixed_precision == "auto" and not build.uses_bf16(config, cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert build.uses_bf16(config, cpu)
+    assert not build.uses_bf16(load_config(EXPERIMENTS / "quickstart.yaml", ["train.mixed_precision=no"]), cpu)
+    assert build.uses_bf16(config, torch.device("cuda"))
+
+
+def test_a_time_budget_anneals_the_learning_rate_to_zero_and_survives_a_resume(monkeypatch):
+    """Under train.max_minutes the cosine follows the share of the budget spent (or of the steps, whichever is
+    further), so a slow machine still ends at a learning rate of zero; a resumed run continues its budget."""
+    import math
+
+    import torch
+
+    from lab import build
+    now = [100.0]
+    monkeypatch.setattr(build.time, "perf_counter", lambda: now[0])
+    config = load_config(EXPERIMENTS / "quickstart.yaml", ["train.warmup_steps=0", "train.lr_schedule=cosine"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock = build.Clock(total_steps=1000, budget_minutes=1)
+    schedule = build.lr_schedule(config, optimizer, clock)
+    clock.start()
+    lrs = []
+    for step, seconds in ((1, 15), (2, 30), (3, 60)):
+        now[0] = 100 + seconds
+        optimizer.step()
+        clock.tick(step, torch.device("cpu"))
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.0], abs=1e-9)
+    assert clock.out_of_time
+    resumed = build.Clock(total_steps=1000, budget_minutes=1)
+    resumed.start(step=2, spent_s=30.0)  # what latest.pt held
+    now[0] += 15
+    resumed.tick(3, torch.device("cpu"))
+    assert resumed.fraction == pytest.approx(0.75) and not resumed.out_of_time
+    by_steps = build.Clock(total_steps=10)  # no budget: the share of the steps
+    by_steps.tick(5, torch.device("cpu"))
+    assert by_steps.fraction == 0.5 and not by_steps.out_of_time
+
+
+def test_a_sampling_only_change_reuses_the_trained_run(tiny_experiment, capsys):
+    """A config that trains exactly what a finished run trained (here: another guidance scale and sampler
+    steps) samples that run's best.pt with its own sampler, as a run of its own tagged trained_by; a training
+    change, or --fresh, trains."""
+    assert main([str(tiny_experiment)]) == 0
+    resample = [str(tiny_experiment), "--set", "run_name=tiny-cfg4", "--set", "eval.guidance_scale=4",
+                "--set", "eval.steps=3"]
+    assert main(resample) == 0
+    assert "sampling its" in capsys.readouterr().out
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")}
+    trained, reused = runs["tiny"], runs["tiny-cfg4"]
+    assert reused.data.tags["trained_by"] == trained.info.run_id and reused.info.status == "FINISHED"
+    assert reused.data.tags["training_key"] == trained.data.tags["training_key"]
+    assert reused.data.params["eval.guidance_scale"] == "4.0"
+    assert "loss" not in reused.data.metrics  # nothing trained
+    assert {"best_val_accuracy", "val_accuracy", "test_accuracy", "heldout_test_accuracy"} <= set(reused.data.metrics)
+    trained_step = MlflowClient().get_metric_history(trained.info.run_id, "best_val_accuracy")[0].step
+    assert [m.step for m in MlflowClient().get_metric_history(reused.info.run_id, "val_accuracy")] == [trained_step]
+    assert main(resample) == 0  # a rerun: finished, nothing to do
+    assert "holds a finished run" in capsys.readouterr().out
+    assert main([str(tiny_experiment), "--set", "run_name=tiny-lr", "--set", "train.lr=2e-3"]) == 0
+    assert main([str(tiny_experiment), "--set", "run_name=tiny-fresh", "--set", "eval.steps=3", "--fresh"]) == 0
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")}
+    assert "trained_by" not in runs["tiny-lr"].data.tags and "loss" in runs["tiny-lr"].data.metrics
+    assert "trained_by" not in runs["tiny-fresh"].data.tags and "loss" in runs["tiny-fresh"].data.metrics

@@ -76,6 +76,28 @@ def test_drop_mask_rows_equal_null_output(models, batch, style):
     assert torch.allclose(null, null_other, atol=1e-5)
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_a_counted_null_knows_how_many_labels_but_not_which(style):
+    """cfg_null: count. The null row sees the number of labels asked for and nothing else: two label sets of
+    the same size give the same null prediction, sets of other sizes another (once the count has been learned)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", style, image_size=32, cfg_null="count").eval()
+    for name, param in model.named_parameters():  # as if trained: the count vectors are zero at the start
+        if "null_count" in name:
+            param.data.normal_()
+    x, t, drop = torch.randn(1, 3, 32, 32).repeat(3, 1, 1, 1), torch.tensor([500] * 3), torch.ones(3, dtype=torch.bool)
+    labels = torch.zeros(3, 24)
+    labels[0, [1, 2]] = 1
+    labels[1, [7, 20]] = 1  # two other labels
+    labels[2, [1, 2, 3]] = 1  # three labels
+    with torch.no_grad():
+        out = model(x, t, labels, drop=drop)
+    assert torch.allclose(out[0], out[1], atol=1e-5)
+    assert (out[0] - out[2]).abs().max() > 1e-4
+    with pytest.raises(UserError, match="^cfg_null: unknown null condition 'none'"):
+        build_model("tiny", style, image_size=32, cfg_null="none")
+
+
 def test_cross_attn_empty_labels_finite(models, batch):
     model = models["cross_attn"]
     model.zero_grad()
@@ -123,6 +145,32 @@ def test_bad_overrides_and_image_size_are_user_errors():
         build_model("tiny", image_size=30)
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_patches_run_the_unet_at_a_lower_resolution_and_come_back_as_pixels(style):
+    """patch_size 2: the UNet sees (12, 16, 16) for a (3, 32, 32) image and its output is shuffled back,
+    so every pixel of a patch is predicted from that patch's own output channels."""
+    torch.manual_seed(0)
+    model = build_model("tiny", style, image_size=32, patch_size=2)
+    cfg = model.unet.config
+    assert cfg.sample_size == 16 and cfg.out_channels == 12
+    assert cfg.in_channels == (12 + 24 if style == "concat" else 12)
+    assert model.build_kwargs["patch_size"] == 2
+    seen = {}
+    model.unet.register_forward_hook(lambda module, args, out: seen.update(shape=out.sample.shape, out=out.sample))
+    x, labels = torch.randn(2, 3, 32, 32), torch.zeros(2, 24)
+    labels[:, 3] = 1
+    out = model(x, 500, labels)
+    assert out.shape == (2, 3, 32, 32) and seen["shape"] == (2, 12, 16, 16)
+    assert torch.equal(out[:, :, :2, :2].reshape(2, 12), seen["out"][:, :, 0, 0])  # patch (0, 0) = channels at (0, 0)
+
+
+def test_a_patch_size_that_does_not_fit_is_a_user_error():
+    with pytest.raises(UserError, match="^image_size: 32 is not divisible by the patch size 3$"):
+        build_model("tiny", image_size=32, patch_size=3)
+    with pytest.raises(UserError, match=r"^image_size: 32 \(2 in patches of 16\) is not divisible by 4 \(3 UNet levels\)$"):
+        build_model("tiny", image_size=32, patch_size=16)
+
+
 def test_overrides_reach_diffusers():
     model = build_model("tiny", "time_add", image_size=32, layers_per_block=2, dropout=0.1)
     assert model.unet.config.layers_per_block == 2 and model.unet.config.dropout == 0.1
@@ -155,8 +203,20 @@ def test_style_specific_unet_configs(models):
     assert models["cross_attn"].cond.tokens.weight.shape == (24 + 2, 4 * 32)
 
 
-def test_cross_attn_follows_the_variant_attention_placement():
-    model = build_model("attn_16_8", "cross_attn")
+def test_width_and_attention_placement_are_keys_not_variants():
+    """model.width scales every level's channels (kept a multiple of the GroupNorm groups) and
+    model.attention_resolutions puts self-attention on the feature maps of those sizes, whatever the variant."""
+    wide = build_model("reference", width=1.5, attention_resolutions=[16, 8]).unet.config
+    assert tuple(wide.block_out_channels) == (192, 192, 384, 384, 768, 768)
+    assert tuple(wide.down_block_types) == ("DownBlock2D",) * 2 + ("AttnDownBlock2D",) * 2 + ("DownBlock2D",) * 2
+    assert tuple(wide.up_block_types) == ("UpBlock2D",) * 2 + ("AttnUpBlock2D",) * 2 + ("UpBlock2D",) * 2
+    narrow = build_model("tiny", image_size=32, width=0.5, patch_size=2, attention_resolutions=[16]).unet.config
+    assert tuple(narrow.block_out_channels) == (16, 32, 32)  # multiples of tiny's 8 groups
+    assert tuple(narrow.down_block_types) == ("AttnDownBlock2D", "DownBlock2D", "DownBlock2D")  # 16 is level 0
+
+
+def test_cross_attn_follows_the_attention_placement():
+    model = build_model("reference", "cross_attn", attention_resolutions=[16, 8])
     cfg = model.unet.config
     assert isinstance(model.unet, UNet2DConditionModel)
     assert tuple(cfg.down_block_types) == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D",
