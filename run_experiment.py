@@ -6,8 +6,9 @@ runs or resumes an Optuna study instead (lab/sweeps/). Errors a user can make en
 """
 import argparse
 import sys
+from pathlib import Path
 
-from lab.config import check_inputs, load_config, read_yaml, to_yaml
+from lab.config import check_inputs, flatten, load_config, read_yaml, to_yaml
 from lab.errors import UserError, reports_user_errors
 
 
@@ -44,12 +45,25 @@ def main(argv=None):
         raise UserError("--n-trials/--storage", f"only for sweep files; {args.config} has no `sweep:` key")
     config = load_config(args.config, args.overrides, base=args.base)
     seeds = args.seeds or config.seeds
+    base = args.base or read_yaml(args.config).get("base")
+    if base and changes_nothing(config, load_config(base if args.base else Path(args.config).parent / base,
+                                                    args.overrides)):
+        print(f"{args.config}: changes nothing on {base} (preset {config.preset}); nothing to run")
+        return 0
     if args.dry_run:
         check_inputs(config)  # the checks a run makes before loading data, loading none (and no torch)
         print(to_yaml(config), end="")
         return 0
     print_summaries(run(config, args.config, seeds=seeds, fresh=args.fresh, device=args.device))
     return 0
+
+
+def changes_nothing(config, base):
+    """Whether an ablation resolves to its base's config: it only names an axis whose value the base already has
+    (cond_adagn on the CPU suite, cond_time_add on base.yaml). Such a run would repeat the base's."""
+    ignored = {"run_name", "ablation"}
+    return {k: v for k, v in flatten(config).items() if k not in ignored} == \
+        {k: v for k, v in flatten(base).items() if k not in ignored}
 
 
 def run(config, config_path, seeds=None, fresh=False, device=None, extra_tags=None, **train_options):

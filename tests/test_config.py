@@ -27,13 +27,31 @@ def test_base_is_the_reference_setup():
 
 @pytest.mark.parametrize("path", sorted((EXPERIMENTS / "ablations").glob("*.yaml")), ids=lambda p: p.name)
 def test_ablations_hold_only_their_deltas(path):
+    """Each ablation names a preset it changes (base.yaml, or the CPU suite's base for the reverse of the CPU
+    recipe's own choices) and holds only keys whose value differs there."""
     raw = read_yaml(path)
-    assert raw.pop("base") == "../base.yaml"
-    base = flatten(load_config(EXPERIMENTS / "base.yaml"))
+    named = raw.pop("base")
+    assert named in ("../base.yaml", "../cpu_suite.yaml")
+    base = flatten(load_config(path.parent / named))
     changed = flatten(raw)
     assert set(changed) - {"ablation"}, "an ablation changes something"
     for key, value in changed.items():
         assert key in base and base[key] != value, f"{path.name}: {key} repeats the base value"
+
+
+def test_an_ablation_that_changes_nothing_on_a_preset_is_skipped(tmp_path, monkeypatch, capsys):
+    """cond_adagn on the CPU suite (already adagn), cond_time_add on base.yaml: one line, exit 0, no run, no
+    MLflow store; a real change still resolves."""
+    from run_experiment import main
+    monkeypatch.chdir(tmp_path)
+    for ablation, base in (("cond_adagn", "cpu_suite"), ("cond_time_add", "base")):
+        assert main([str(EXPERIMENTS / "ablations" / f"{ablation}.yaml"), "--base", str(EXPERIMENTS / f"{base}.yaml"),
+                     "--seeds", "0", "1"]) == 0
+        assert capsys.readouterr().out.strip().endswith("changes nothing on "
+                                                        f"{EXPERIMENTS / f'{base}.yaml'} (preset {base}); nothing to run")
+    assert main([str(EXPERIMENTS / "ablations" / "cond_time_add.yaml"), "--dry-run"]) == 0  # its own base: a change
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["conditioning"] == "time_add"
+    assert list(tmp_path.iterdir()) == []
 
 
 def write(tmp_path, name, text):
