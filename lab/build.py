@@ -176,7 +176,8 @@ class Clock:
     """How far a run has come, as a fraction: the larger of steps done / total_steps and, under a time budget
     (`train.max_minutes`), seconds spent / budget. The learning-rate schedule follows it, so a time budget
     anneals to zero on any machine, however fast. `spent_s` is part of the resume state: a resumed run
-    continues its budget instead of starting a new one."""
+    continues its budget instead of starting a new one, and the learning curves' minutes leave out the time a
+    run lay stopped."""
 
     def __init__(self, total_steps, budget_minutes=None):
         self.total_steps, self.budget_s = total_steps, budget_minutes * 60 if budget_minutes else None
@@ -190,9 +191,9 @@ class Clock:
         """After optimizer step `step`; under data parallel the main process's time holds for all, so every
         process applies the same learning rate and stops at the same step."""
         self.step = step
+        self.spent_s = time.perf_counter() - self._origin
         if self.budget_s:
-            spent = torch.tensor(time.perf_counter() - self._origin, device=device)
-            self.spent_s = float(parallel.broadcast(spent))
+            self.spent_s = float(parallel.broadcast(torch.tensor(self.spent_s, device=device)))
 
     @property
     def fraction(self):

@@ -24,15 +24,17 @@ CURVE_METRIC = "val_accuracy"
 
 
 def learning_curves(client, runs, metric=CURVE_METRIC):
-    """One row per logged validation: run_name, images seen (step x batch size x world size), minutes
-    since the run started, and the value."""
+    """One row per logged validation: run_name, images seen (step x batch size x world size), minutes of the
+    run's clock (its `train_minutes` at that step: a resumed run's stop left out; wall time since the start for
+    runs that predate that metric), and the value."""
     rows = []
     for _, run in runs.iterrows():
         batch = float(run.get("params.train.batch_size", "nan") or "nan")
         world = float(run.get("tags.world_size", 1) or 1)
+        clock = {m.step: m.value for m in client.get_metric_history(run["run_id"], "train_minutes")}
         for m in client.get_metric_history(run["run_id"], metric):
             rows.append({"run_name": run["run_name"], "images": m.step * batch * world,
-                         "minutes": (m.timestamp - run["start_time"]) / 60_000,
+                         "minutes": clock.get(m.step, (m.timestamp - run["start_time"]) / 60_000),
                          metric: m.value})
     return pd.DataFrame(rows, columns=["run_name", "images", "minutes", metric])
 
@@ -48,7 +50,7 @@ def curve_chart(curves, path, title, metric=CURVE_METRIC):
     by_images.set_xlim(left=0)
     by_minutes.set_xlim(left=0)
     by_images.set_xlabel("training images seen (thousands)")
-    by_minutes.set_xlabel("minutes since the run started (training and its validations)")
+    by_minutes.set_xlabel("minutes of the run (training and its validations)")
     by_images.set_ylabel(f"{metric} (mean over the validation's sampling seeds)")
     by_minutes.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)

@@ -234,6 +234,8 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
             if main and ((epoch + 1) % config.eval.every_epochs == 0 or last):
                 if reference_features is None:
                     reference_features = real_features(setup)
+                # minutes of this run's clock (training and validations, resumed runs' stops left out)
+                tracker.log_metrics({"train_minutes": train_step.opt.clock.spent_s / 60}, step)
                 acc = validation(train_step.sampling_model(), setup, tracker, reference_features, step, best_acc,
                                  best_path, bar.write)
                 best_acc = max(acc, best_acc)

@@ -324,3 +324,24 @@ def test_results_document_is_generated_from_the_store(store_uri, tmp_path, capsy
     assert "Last validation of each run: base-seed0 0.480 after 6k images (" in text  # step 100 x batch 64
     assert results(["--experiment", "nope", "--out", str(out)]) == 1
     assert capsys.readouterr().err.strip() == "error: --experiment: no experiment 'nope' in the store"
+
+
+def test_learning_curves_count_the_runs_clock_not_the_time_it_lay_stopped(store_uri):
+    """A run killed and resumed an hour later: its curve's minutes are its `train_minutes`, not wall time; a
+    run that predates the metric falls back to the time since its start."""
+    from lab.results import learning_curves
+    client = MlflowClient(store_uri)
+    experiment_id = client.get_experiment_by_name("other").experiment_id
+    start = int(time.time() * 1000)
+    for name, clock in (("resumed", [2.0, 4.5]), ("older", None)):
+        run = client.create_run(experiment_id, run_name=name, start_time=start)
+        client.log_param(run.info.run_id, "train.batch_size", "32")
+        for i, step in enumerate((100, 200)):
+            later = start + (i * 60 + 3) * 60_000  # the second validation an hour after the first
+            client.log_metric(run.info.run_id, "val_accuracy", 0.1 * (i + 1), timestamp=later, step=step)
+            if clock:
+                client.log_metric(run.info.run_id, "train_minutes", clock[i], timestamp=later, step=step)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    curves = learning_curves(client, report.load_runs(client, "other")).set_index(["run_name", "images"])
+    assert curves["minutes"].to_dict() == {("resumed", 3200.0): 2.0, ("resumed", 6400.0): 4.5,
+                                           ("older", 3200.0): 3.0, ("older", 6400.0): 63.0}

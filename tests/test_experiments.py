@@ -53,7 +53,7 @@ def test_every_experiment_file_runs_from_the_command_line(path, shrunk):
         # the run describes exactly the file's config, shrunk
         assert runs[0].data.params == {k: str(v) for k, v in flatten(config).items()}
         assert runs[0].data.tags["ablation"] == config.ablation and runs[0].data.tags["config_file"] == str(path)
-        assert {"loss", "val_accuracy", "best_val_accuracy", "test_accuracy"} <= set(runs[0].data.metrics)
+        assert {"loss", "val_accuracy", "train_minutes", "best_val_accuracy", "test_accuracy"} <= set(runs[0].data.metrics)
         return
     from lab.sweeps.schema import load_sweep
     searched = set(load_sweep(path).spec.space)
