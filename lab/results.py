@@ -82,7 +82,8 @@ def section(client, experiment, out_dir, notes_dir, metric=DEFAULT_METRIC):
         lines += ["Last validation of each run: " + ", ".join(
             f"{name} {row[CURVE_METRIC]:.3f} after {row['images'] / 1000:.0f}k images ({row['minutes']:.1f} min)"
             for name, row in last.iterrows()) + ".", ""]
-    lines += [f"![{p.stem}]({p.parent.name}/{p.name})" if p.parent.parent == out_dir
+    # links relative to the document, which sits beside out_dir (docs/results.md, docs/results/<experiment>/)
+    lines += [f"![{p.stem}]({p.relative_to(out_dir.parent)})" if p.is_relative_to(out_dir.parent)
               else f"![{p.stem}]({p})" for p in charts]
     return lines, row_labels(table)
 

@@ -319,7 +319,7 @@ def test_results_document_is_generated_from_the_store(store_uri, tmp_path, capsy
     assert "Reading: adagn helps at this scale." in text and "10 finished runs" in text
     assert "| conditioning | adagn              | ddim         | 50         | **0.610 ± 0.010 [0.585, 0.635]** |" in text
     for chart in ("accuracy_by_ablation", "learning_curves"):
-        assert f"![{chart}]({EXPERIMENT}/{chart}.png)" in text
+        assert f"![{chart}](results/{EXPERIMENT}/{chart}.png)" in text  # relative to docs/results.md
         assert (tmp_path / "docs" / "results" / EXPERIMENT / f"{chart}.png").stat().st_size > 10_000
     assert "Last validation of each run: base-seed0 0.480 after 6k images (" in text  # step 100 x batch 64
     assert results(["--experiment", "nope", "--out", str(out)]) == 1
