@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lab.config import flatten, load_config, read_yaml
-from run_experiment import main
+from run_experiment import changes_nothing, main
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))  # base, quickstart, every ablation, every sweep
@@ -41,8 +41,11 @@ def shrunk(tiny_root, random_evaluator, tmp_path, monkeypatch):
 def test_every_experiment_file_runs_from_the_command_line(path, shrunk):
     overrides, client = shrunk
     shrink = SWEEP_SHRINK if "sweeps" in path.parts else SHRINK
-    if read_yaml(path).get("eval", {}).keys() == {"steps"}:  # shrunk to 2 steps, DDIM-100 would be the base's DDIM-50
-        steps = read_yaml(path)["eval"]["steps"]
+    own = read_yaml(path)
+    steps, base = own.get("eval", {}).get("steps"), own.get("base")
+    if steps and base and "sweeps" not in path.parts and changes_nothing(*(
+            load_config(p, [f"{k}={v}" for k, v in shrink.items()]) for p in (path, path.parent / base))):
+        # shrunk to 2 sampling steps, a step-count ablation (DDIM-100 on base.yaml's DDIM-50) is its base
         shrink = {**{k: v for k, v in shrink.items() if k != "eval.steps"}, "diffusion.num_train_timesteps": steps}
     args = [arg for assignment in overrides(shrink) for arg in ("--set", assignment)]
     if "sweeps" not in path.parts:
@@ -125,7 +128,7 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
 def test_a_time_budget_stops_then_validates_and_scores(tiny_experiment, capsys):
     """train.max_minutes (the CPU quickstart's budget) ends the run early, like a last step: the
     validation, the best checkpoint and the test scores still happen."""
-    from run_experiment import main
+    from run_experiment import changes_nothing, main
     assert main([str(tiny_experiment), "--set", "train.max_minutes=0.0001"]) == 0
     assert "1 steps; best_val_accuracy" in capsys.readouterr().out
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
