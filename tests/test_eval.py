@@ -142,6 +142,22 @@ def test_augment_draws_images_at_low_resolution_like_samples_upsampled_to_64():
     assert (low - expected).abs().mean() < 0.05  # only the pixel noise differs
 
 
+def test_batches_keep_an_epoch_order_and_revisit_the_images_it_got_wrong():
+    from lab.evaluator_training import batches
+    torch.manual_seed(0)
+    last_loss = torch.full((40,), 0.01)
+    last_loss[7] = 10.0  # one image the evaluator keeps getting wrong
+    drawn = list(batches(last_loss, steps=10, batch_size=8, hard_fraction=0.5))
+    assert all(len(idx) == 8 for idx in drawn)
+    plain = torch.cat([idx[:4] for idx in drawn])
+    assert sorted(plain.tolist()) == list(range(40))  # 10 steps x 4 plain images: one epoch, each image once
+    assert sum(7 in idx[4:] for idx in drawn) >= 9  # the hard half goes back to it almost every time
+    last_loss[7] = 0.01  # learnt: it is drawn no more than the rest (4 of 40 a batch)
+    later = list(batches(last_loss, steps=100, batch_size=8, hard_fraction=0.5))
+    assert sum(7 in idx[4:] for idx in later) < 25
+    assert all(len(idx) == 8 for idx in batches(last_loss, steps=3, batch_size=8, hard_fraction=0.0))
+
+
 def test_train_evaluator_writes_the_course_format_and_learns(tiny_root, tmp_path, capsys):
     from lab.eval import main
     from lab.evaluator_training import train_evaluator
