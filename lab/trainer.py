@@ -241,6 +241,11 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                 best_acc = max(acc, best_acc)
                 if on_validation is not None:
                     on_validation(step, epoch + 1, acc)  # may raise Stop (a pruned trial)
+            if tc.max_minutes and not last:
+                # the validation's minutes count: when they spent the budget, stop here rather than one step on
+                # (which would validate again); every process ticks, so all stop at the same step
+                train_step.opt.clock.tick(step, device)
+                last = train_step.opt.clock.out_of_time
             if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
                 tracker.flush()  # metrics up to this step are stored before the state a resume starts from
                 save_latest(train_step, step, epoch + 1, best_acc, run_id, latest)

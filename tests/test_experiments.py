@@ -137,6 +137,25 @@ def test_a_time_budget_stops_then_validates_and_scores(tiny_experiment, capsys):
     assert {"test_accuracy", "new_test_accuracy", "best_val_accuracy"} <= set(run.data.metrics)
 
 
+def test_a_budget_spent_by_a_validation_ends_the_run_there(tiny_experiment, monkeypatch, capsys):
+    """When an epoch's validation uses up the time budget, the run ends at that step: it does not train
+    one step more only to validate again (the demo did, at steps 3,372 and 3,373)."""
+    import time
+
+    from lab import trainer
+    from run_experiment import main
+    validation = trainer.validation
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(7)  # more than the whole 6-second budget
+        return validation(*args, **kwargs)
+    monkeypatch.setattr(trainer, "validation", slow_validation)
+    assert main([str(tiny_experiment), "--set", "train.max_minutes=0.1", "--set", "eval.every_epochs=1"]) == 0
+    run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
+    assert len(val) == 1 and f"{val[0]} steps; best_val_accuracy" in capsys.readouterr().out
+
+
 def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch):
     """mixed_precision auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX), float32
     on CPUs that would emulate it; `no` and `bf16` are obeyed everywhere."""
