@@ -39,12 +39,16 @@ def make_sampler(sampler: str, train_scheduler, steps: int = 50, device=None):
     """A fresh sampling scheduler with the training betas and prediction type, its timesteps already set."""
     cls, kwargs = choose("sampler", "sampler", sampler, SAMPLERS)
     cfg = train_scheduler.config
-    scheduler = cls(num_train_timesteps=cfg.num_train_timesteps, trained_betas=train_scheduler.betas.numpy(),
-                    prediction_type=cfg.prediction_type, **kwargs)
     if sampler == "ddpm":
         steps = cfg.num_train_timesteps
     elif not 1 <= steps <= cfg.num_train_timesteps:
         raise UserError("steps", f"{steps} is not between 1 and num_train_timesteps={cfg.num_train_timesteps}")
+    if sampler == "dpmsolver++" and steps == cfg.num_train_timesteps:
+        # diffusers' default linspace spacing repeats the middle timestep when steps == num_train_timesteps: a
+        # step of length zero, and NaN images from there on; trailing spacing gives every timestep once
+        kwargs = {**kwargs, "timestep_spacing": "trailing"}
+    scheduler = cls(num_train_timesteps=cfg.num_train_timesteps, trained_betas=train_scheduler.betas.numpy(),
+                    prediction_type=cfg.prediction_type, **kwargs)
     scheduler.set_timesteps(steps, device=device)
     return scheduler
 

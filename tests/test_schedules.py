@@ -49,6 +49,18 @@ def test_samplers_produce_images_in_range(model, sampler, prediction_type):
     assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_as_many_sampling_steps_as_training_steps_visit_each_timestep_once(model, sampler):
+    """steps == num_train_timesteps: DPM-Solver++ under diffusers' default spacing repeated a timestep
+    there (a step of length zero) and returned NaN images."""
+    train = make_noise_scheduler("cosine", 20, "v_prediction")
+    timesteps = make_sampler(sampler, train, steps=20).timesteps.tolist()
+    assert len(set(timesteps)) == len(timesteps) == 20
+    images = run(model, train_scheduler=train, sampler=sampler, steps=20, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(images).all()
+
+
 def test_cross_attn_model_samples_with_guidance():
     torch.manual_seed(0)
     model = build_model("tiny", "cross_attn", image_size=32)
