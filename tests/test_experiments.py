@@ -128,7 +128,6 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
 def test_a_time_budget_stops_then_validates_and_scores(tiny_experiment, capsys):
     """train.max_minutes (the CPU quickstart's budget) ends the run early, like a last step: the
     validation, the best checkpoint and the test scores still happen."""
-    from run_experiment import changes_nothing, main
     assert main([str(tiny_experiment), "--set", "train.max_minutes=0.0001"]) == 0
     assert "1 steps; best_val_accuracy" in capsys.readouterr().out
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
@@ -143,7 +142,6 @@ def test_a_budget_spent_by_a_validation_ends_the_run_there(tiny_experiment, monk
     import time
 
     from lab import trainer
-    from run_experiment import main
     validation = trainer.validation
 
     def slow_validation(*args, **kwargs):
