@@ -116,7 +116,9 @@ def _prepare(config, config_path, device):
         raise UserError(root, f"{data.labels.shape[1]} labels in objects.json; the models expect 24")
     return Setup(
         config=config, device=device, model=unet, noise_scheduler=noise_scheduler(config),
-        evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri), label_names=data.label_names,
+        # an evaluator still to train trains beside the generator's first minutes (lab.eval.EvaluatorInTraining)
+        evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri,
+                                   beside=parallel.world_size() == 1), label_names=data.label_names,
         test_labels={name: load_condition_sets(root, name) for name in final_splits(root, config)},
         config_path=Path(config_path), root=root, data=data,
         val_labels=load_condition_sets(root, config.eval.split), out_dir=Path(config.output_dir) / config.run_name)

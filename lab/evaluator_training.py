@@ -54,14 +54,22 @@ def recipe_digest(recipe=None):
     return hashlib.blake2b(json.dumps(recipe or RECIPE, sort_keys=True).encode(), digest_size=4).hexdigest()
 
 
-def training_set(root, recipe):
-    """The root's training images, plus synthetic scenes of up to 5 objects when the root is synthetic
-    (a real root is used alone: synthetic scenes would teach another look)."""
-    data = load_train(root)
+def extra_root(root, recipe):
+    """The synthetic scenes of up to 5 objects added to a synthetic root (rendered once), else None (a real
+    root is used alone: synthetic scenes would teach another look)."""
     if not (Path(root) / "synthetic.json").is_file() or not recipe["extra_scenes"]:
-        return data
+        return None
     from lab.data.synthetic import default_root
-    extra = load_train(default_root(seed=EXTRA_SEED, scenes=recipe["extra_scenes"], objects=recipe["extra_objects"]))
+    return default_root(seed=EXTRA_SEED, scenes=recipe["extra_scenes"], objects=recipe["extra_objects"])
+
+
+def training_set(root, recipe):
+    """The root's training images, plus the extra scenes of up to 5 objects when the root is synthetic."""
+    data = load_train(root)
+    extra = extra_root(root, recipe)
+    if extra is None:
+        return data
+    extra = load_train(extra)
     if extra.label_names != data.label_names:
         raise ValueError("the extra scenes' labels differ from the root's")
     return TrainingSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),

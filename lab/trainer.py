@@ -23,7 +23,7 @@ from lab.config import to_yaml
 from lab.data import normalize
 from lab.diffusion import diffusion_loss, loss_weights
 from lab.errors import UserError
-from lab.eval import binding_errors, course_accuracy, for_evaluator
+from lab.eval import binding_errors, course_accuracy, evaluator_ready, for_evaluator
 from lab.metrics import frechet_distance, kernel_distance
 from lab.sampling import generate, grid_image, load_for_sampling, score_splits, strip_image
 from lab.tracking import NoTracker, Tracker, resolve_uri
@@ -222,6 +222,7 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                         raise NonFiniteLoss(setup.config_path, f"loss became {window.loss} at step {bad} "
                                             f"(last good checkpoint: {latest if latest.exists() else 'none'})", bad)
                 if log_now:
+                    evaluator_ready(setup.evaluator)  # one trained beside gives its threads back when done
                     images_per_s = window_images / max(time.perf_counter() - window_start, 1e-9)
                     tracker.log_metrics({"loss": window.loss, "lr": train_step.opt.lr_schedule.get_last_lr()[0],
                                          "epoch": epoch, "images_per_s": images_per_s, **window.quartiles}, step)
@@ -231,7 +232,10 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
                 if last:
                     break
             paused = time.perf_counter()  # images_per_s counts training steps only, not what follows
-            if main and ((epoch + 1) % config.eval.every_epochs == 0 or last):
+            validates = main and ((epoch + 1) % config.eval.every_epochs == 0 or last)
+            if validates and not last and not evaluator_ready(setup.evaluator):
+                bar.write(f"step {step}: no validation yet, the evaluator still trains beside")
+            elif validates:
                 if reference_features is None:
                     reference_features = real_features(setup)
                 # minutes of this run's clock (training and validations, resumed runs' stops left out)

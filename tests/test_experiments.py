@@ -154,6 +154,63 @@ def test_a_budget_spent_by_a_validation_ends_the_run_there(tiny_experiment, monk
     assert len(val) == 1 and f"{val[0]} steps; best_val_accuracy" in capsys.readouterr().out
 
 
+@pytest.fixture
+def evaluator_to_train(tiny_root, monkeypatch):
+    """No evaluator cached for the tiny root: a small recipe of our own, its path and the threads before."""
+    import torch
+
+    from lab import evaluator_training
+    from lab.eval import default_evaluator_path
+    if torch.get_num_threads() < 2:
+        pytest.skip("the evaluator trains beside the generator only with 2 threads or more")
+    monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[32, 160, 1e-3]])
+    monkeypatch.setitem(evaluator_training.RECIPE, "batch_size", 8)
+    monkeypatch.setitem(evaluator_training.RECIPE, "extra_scenes", 0)
+    path = default_evaluator_path(tiny_root)
+    path.unlink(missing_ok=True)
+    return path, torch.get_num_threads()
+
+
+def test_an_evaluator_still_to_train_trains_beside_the_generator(tiny_experiment, evaluator_to_train, capfd):
+    """Where the evaluator is still to be trained (a first run on a new machine), the generator starts at
+    once on half of the threads while the evaluator trains in a child process on the other half: an
+    epoch's validation before it is ready is left out, the last one waits for it, and the run gets all
+    its threads back."""
+    import torch
+    path, threads = evaluator_to_train
+    assert main([str(tiny_experiment), "--set", "eval.evaluator=null", "--set", "eval.every_epochs=1"]) == 0
+    printed = capfd.readouterr().out  # the child's output too
+    assert torch.get_num_threads() == threads
+    assert f"on {threads - threads // 2} thread" in printed and "beside the generator's training" in printed
+    assert json.loads(path.with_suffix(".json").read_text())["threads"] == threads - threads // 2
+    run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
+    steps_per_epoch = 60 // 8
+    assert val[-1] == 3 * steps_per_epoch and len(val) + printed.count("no validation yet") == 3
+    [evaluator_run] = mlflow.search_runs(experiment_names=["evaluator"], output_format="list")
+    assert evaluator_run.info.status == "FINISHED"
+
+
+def test_an_evaluator_that_fails_beside_the_generator_fails_the_run_in_one_line(tiny_experiment, evaluator_to_train,
+                                                                                 tiny_root, monkeypatch, capfd):
+    import torch
+
+    from lab import evaluator_training
+    from lab.eval import default_evaluator_path
+    _, threads = evaluator_to_train
+    monkeypatch.setitem(evaluator_training.RECIPE, "batch_size", 0)  # the child's training raises
+    path = default_evaluator_path(tiny_root)
+    assert main([str(tiny_experiment), "--set", "eval.evaluator=null"]) == 1
+    assert torch.get_num_threads() == threads and not path.exists()
+    error = capfd.readouterr().err
+    assert "ZeroDivisionError" in error  # the child's traceback
+    assert error.strip().splitlines()[-1] == (
+        f"error: {path}: the evaluator's training failed (exit code 1; its error is printed above)")
+    [run] = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert run.info.status == "FAILED"
+
+
 def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch):
     """mixed_precision auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX), float32
     on CPUs that would emulate it; `no` and `bf16` are obeyed everywhere."""
