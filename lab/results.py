@@ -70,8 +70,10 @@ def section(client, experiment, out_dir, notes_dir, metric=DEFAULT_METRIC):
         lines += [(Path(notes_dir) / f"{experiment}.md").read_text().strip(), ""]
     found = machines(runs)
     first, last = (pd.to_datetime(runs["start_time"].agg(edge), unit="ms") for edge in ("min", "max"))
-    lines += [f"{len(runs)} finished run{'s' if len(runs) != 1 else ''}" + (f" on {'; '.join(found)}" if found else "") + ", started from "
-              f"{first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC.", ""]
+    first, last = f"{first:%Y-%m-%d %H:%M}", f"{last:%Y-%m-%d %H:%M}"
+    started = f"started {first}" if first == last else f"started from {first} to {last}"
+    lines += [f"{len(runs)} finished run{'s' if len(runs) != 1 else ''}" + (f" on {'; '.join(found)}" if found else "")
+              + f", {started} UTC.", ""]
     table = ablation_table(runs, metric=metric)
     lines += [render(table, "markdown"), ""]
     charts = [Path(p) for p in write_charts(runs, table, out_dir / experiment, metric)]

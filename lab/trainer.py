@@ -26,7 +26,7 @@ from lab.errors import UserError
 from lab.eval import binding_errors, course_accuracy, evaluator_ready, for_evaluator
 from lab.metrics import frechet_distance, kernel_distance
 from lab.sampling import generate, grid_image, load_for_sampling, score_splits, strip_image
-from lab.tracking import NoTracker, Tracker, resolve_uri
+from lab.tracking import NoTracker, Tracker, machine, resolve_uri
 
 class NonFiniteLoss(UserError):
     def __init__(self, where, message, step=None):
@@ -375,5 +375,7 @@ def finish(setup, tracker, best_path, best_acc, step):
         metrics[f"{stem}_accuracy_std"] = std
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(best_path, "checkpoints")
-    tracker.set_tags({"best_checkpoint": str(best_path.resolve())})
+    # the machine as the run ends: a resumed run's last one, with every thread (an evaluator trained beside
+    # had half of them at the start)
+    tracker.set_tags({"best_checkpoint": str(best_path.resolve()), "machine": machine(setup.device)})
     return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path)}

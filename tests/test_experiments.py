@@ -185,6 +185,7 @@ def test_an_evaluator_still_to_train_trains_beside_the_generator(tiny_experiment
     assert json.loads(path.with_suffix(".json").read_text())["threads"] == threads - threads // 2
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert run.data.tags["machine"].endswith(f", {threads} torch threads")  # as it ended, not as it started
     val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
     steps_per_epoch = 60 // 8
     assert val[-1] == 3 * steps_per_epoch and len(val) + printed.count("no validation yet") == 3
