@@ -169,12 +169,18 @@ def ensure_evaluator(root, checkpoint=None, device="cpu", tracking_uri=None, bes
             return load_evaluator(path, device)
         except UserError as e:  # a cache damaged by a crash or a full disk: train it again
             print(f"notice: {e}; training it again", file=sys.stderr, flush=True)
+    if path in _training_beside and _training_beside[path].process.is_alive():
+        return _training_beside[path]  # a failed run's (a sweep's earlier trial): not a second one
     print(f"Training the evaluator on {root} (once; cached at {path})", flush=True)
     if beside and torch.device(device).type == "cpu" and torch.get_num_threads() >= 2:
-        return EvaluatorInTraining(root, path, device, tracking_uri)
+        _training_beside[path] = EvaluatorInTraining(root, path, device, tracking_uri)
+        return _training_beside[path]
     from lab.evaluator_training import summary_lines
     print("\n".join(summary_lines(train_and_check(root, path, device, tracking_uri, scenes=300))), flush=True)
     return load_evaluator(path, device)
+
+
+_training_beside = {}  # checkpoint path -> its EvaluatorInTraining, in this process
 
 
 class EvaluatorInTraining:

@@ -193,6 +193,17 @@ def test_an_evaluator_still_to_train_trains_beside_the_generator(tiny_experiment
     assert evaluator_run.info.status == "FINISHED"
 
 
+def test_an_evaluator_in_training_is_shared_by_the_runs_of_one_process(tiny_root, evaluator_to_train, tmp_workdir):
+    """A sweep's trials run in one process: when a trial fails while the evaluator trains beside it, the next
+    trial waits for that same child instead of training a second evaluator; once written, it is the cache."""
+    from lab.eval import Evaluator, EvaluatorInTraining, ensure_evaluator
+    path, threads = evaluator_to_train
+    first = ensure_evaluator(tiny_root, beside=True)
+    assert isinstance(first, EvaluatorInTraining) and ensure_evaluator(tiny_root, beside=True) is first
+    assert isinstance(first.wait(), Evaluator) and path.is_file()
+    assert isinstance(ensure_evaluator(tiny_root, beside=True), Evaluator)
+
+
 def test_an_evaluator_that_fails_beside_the_generator_fails_the_run_in_one_line(tiny_experiment, evaluator_to_train,
                                                                                  tiny_root, monkeypatch, capfd):
     import torch
