@@ -268,8 +268,8 @@ def train_and_check(root, out, device, tracking_uri=None, recipe=None, scenes=30
         results = heldout_check(out, scenes=scenes, device=device)
         report = {case: {"accuracy": r["accuracy"], "images": r["images"], "binding_errors": r["binding_errors"]}
                   for case, r in results.items()}
-        write_atomic(json.dumps({"train_seconds": round(seconds), "threads": torch.get_num_threads(), **report}, indent=1).encode(),
-                     Path(out).with_suffix(".json"))
+        record = {"train_seconds": round(seconds), "threads": torch.get_num_threads(), **report}
+        write_atomic(json.dumps(record, indent=1).encode(), Path(out).with_suffix(".json"))
         tracker.log_metrics({"train_seconds": seconds, **{metric_key(case): r["accuracy"] for case, r in results.items()}},
                             step=0)
         tracker.log_artifact(Path(out).with_suffix(".json"))
