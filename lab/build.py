@@ -206,6 +206,10 @@ class Clock:
     def out_of_time(self):
         return bool(self.budget_s) and self.spent_s >= self.budget_s
 
+    def ends_within(self, steps, seconds):
+        """Whether the step count or the time budget ends the run within `steps` more steps or `seconds` more."""
+        return self.total_steps - self.step < steps or (bool(self.budget_s) and self.budget_s - self.spent_s < seconds)
+
 
 def lr_schedule(config, optimizer, clock):
     """A linear warm-up over train.warmup_steps, then constant or a cosine to zero over the clock's fraction

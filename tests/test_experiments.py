@@ -154,6 +154,15 @@ def test_a_budget_spent_by_a_validation_ends_the_run_there(tiny_experiment, monk
     assert len(val) == 1 and f"{val[0]} steps; best_val_accuracy" in capsys.readouterr().out
 
 
+def test_a_validation_the_final_one_would_repeat_is_left_out(tiny_experiment, capsys):
+    """An epoch's validation when the run ends within half a validation interval is left to the final one,
+    which comes a few steps later (the demo validated at steps 3,372 and 3,448, 15 s of its budget)."""
+    assert main([str(tiny_experiment), "--set", "train.max_steps=15", "--set", "eval.every_epochs=1"]) == 0
+    assert "step 14: no validation, the final one follows" in capsys.readouterr().out
+    run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [7, 15]
+
+
 @pytest.fixture
 def evaluator_to_train(tiny_root, monkeypatch):
     """No evaluator cached for the tiny root: a small recipe of our own, its path and the threads before."""
