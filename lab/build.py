@@ -194,7 +194,8 @@ class Clock:
         process applies the same learning rate and stops at the same step."""
         self.step = step
         self.spent_s = time.perf_counter() - self._origin
-        if self.budget_s:
+        if self.budget_s and parallel.world_size() > 1:
+            # a device tensor read back is a host sync: only where other processes must agree
             self.spent_s = float(parallel.broadcast(torch.tensor(self.spent_s, device=device)))
 
     @property
