@@ -158,6 +158,12 @@ def timed_steps(step, warmup, steps, device, desc=None):
     return warm - start, (time.perf_counter() - warm) / steps
 
 
+def measured(path):
+    """A path's figures as soon as they are measured: a run stopped later (a timeout) has still printed them."""
+    return (f"    {path['images_per_s']:.1f} images/s, {path['step_ms']:.1f} ms/step, warm-up {path['warmup_s']:.1f} s"
+            + (f" (compilation {path['compile_s']:.1f} s)" if path.get("compile_s") is not None else ""))
+
+
 def training_figures(name, warmup_s, step_s, warmup, images_per_step, device, **extra):
     return {"path": name, "images_per_s": images_per_step / step_s, "step_ms": step_s * 1e3,
             "warmup_steps": warmup, "warmup_s": warmup_s,
@@ -335,6 +341,8 @@ def bench_sampling(ssetup, labels, evaluator, runs, guidances, seeds):
                          "guidance": g, "s_per_batch32": seconds / (seeds * len(labels)) * SAMPLE_BATCH,
                          "val_accuracy": sum(accs) / len(accs), "val_accuracy_per_seed": accs,
                          "peak_mem_gib": peak_gib(device), "kind": kind})
+            tqdm.write(f"    {label} guidance {g:g}: {rows[-1]['s_per_batch32']:.3g} s / {SAMPLE_BATCH} images, "
+                       f"accuracy {rows[-1]['val_accuracy']:.3f}")
     bar.close()
     for row in rows:  # ratios to DDPM (all steps) at the same guidance scale
         ddpm = next((r for r in rows if r["kind"] == "ddpm" and r["guidance"] == row["guidance"]), None)
@@ -444,9 +452,11 @@ def run(args, argv):
         print(f"(a) reference loop: {warmup} warm-up + {steps} timed steps", flush=True)
         reference = bench_reference(setup, initial, args, steps, warmup)
         phase("reference")
+        print(measured(reference), flush=True)
         print(f"(a) fast path: {warmup} warm-up + {steps} timed steps", flush=True)
         fast = bench_fast(setup, steps, warmup)
         phase("fast")
+        print(measured(fast), flush=True)
 
         val_sets = args.val_sets or defaults["val_sets"]
         labels = setup.val_labels[:val_sets] if val_sets else setup.val_labels

@@ -41,6 +41,10 @@ def test_cpu_smoke_run(tmp_path, capsys):
         assert heading in printed
     for name in ("ddpm-100", "ddim-50", "ddim-100", "dpmsolver++-20"):
         assert name in printed
+    # each path and sampler is printed as soon as it is measured, before the report: a run stopped by a
+    # timeout in a later section has still shown them (one on a GPU lost its figures that way)
+    progress = printed.split("\nlab.bench ")[0]
+    assert progress.count(" images/s, ") == 2 and "ddpm-100 guidance 2: " in progress
 
     results = json.loads(out.read_text())
     assert set(results) == {"meta", "training", "memory", "sampling", "logging", "targets"}
