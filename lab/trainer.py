@@ -205,8 +205,8 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
         window_start, window_images = time.perf_counter(), 0
         clock = train_step.opt.clock
         clock.start(step, resume.get("spent_s", 0.0) if resume else 0.0)
-        started_s = clock.spent_s
         for epoch in range(start_epoch, train_step.epochs):
+            epoch_started_s = clock.spent_s
             train_step.start_epoch(epoch)
             for i in range(train_step.steps_per_epoch):
                 train_step(i, step + 1)
@@ -236,10 +236,11 @@ def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_valid
             paused = time.perf_counter()  # images_per_s counts training steps only, not what follows
             validates = main and ((epoch + 1) % config.eval.every_epochs == 0 or last)
             # a validation that the final one would repeat within half an interval is left to it (the demo
-            # validated at steps 3,372 and 3,448: 15 s of its 11 minutes for the same point of the curve)
+            # validated at steps 3,372 and 3,448: 15 s of its 11 minutes for the same point of the curve), at
+            # this epoch's pace: on a GPU the first epoch holds minutes of compilation
             half = config.eval.every_epochs / 2
             final_is_near = clock.ends_within(half * train_step.steps_per_epoch,
-                                              half * (clock.spent_s - started_s) / (epoch + 1 - start_epoch))
+                                              half * (clock.spent_s - epoch_started_s))
             if validates and not last and final_is_near:
                 bar.write(f"step {step}: no validation, the final one follows within half an interval")
             elif validates and not last and not evaluator_ready(setup.evaluator):

@@ -163,6 +163,28 @@ def test_a_validation_the_final_one_would_repeat_is_left_out(tiny_experiment, ca
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [7, 15]
 
 
+def test_under_a_budget_the_final_validation_is_judged_at_the_last_epochs_pace(tiny_experiment, monkeypatch):
+    """A first epoch that holds a GPU's compilation (here 7 steps of 30 s on the run's clock, then 1 s a step,
+    against a 4-minute budget) no longer makes every later validation look within half an interval of the
+    final one: on the H100 base.yaml left out its only one, 500 steps before the end."""
+    from types import SimpleNamespace
+
+    from lab import build, trainer
+    now = [0.0]
+    monkeypatch.setattr(build, "time", SimpleNamespace(perf_counter=lambda: now[0]))  # the run's clock only
+    one_step = trainer.TrainStep.__call__
+
+    def timed_step(self, i, step):
+        now[0] += 30.0 if step <= 7 else 1.0
+        return one_step(self, i, step)
+    monkeypatch.setattr(trainer.TrainStep, "__call__", timed_step)
+    assert main([str(tiny_experiment), "--set", "train.epochs=100", "--set", "train.max_minutes=4",
+                 "--set", "eval.every_epochs=1"]) == 0
+    run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
+    # 7 (210 s spent, 30 left) and 35 (238 s) are left to the final one at 37, when the budget is spent
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [14, 21, 28, 37]
+
+
 @pytest.fixture
 def evaluator_to_train(tiny_root, monkeypatch):
     """No evaluator cached for the tiny root: a small recipe of our own, its path and the threads before."""
