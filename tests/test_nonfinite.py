@@ -17,7 +17,7 @@ def test_nan_loss_stops_at_its_step(tiny_experiment, tmp_path, monkeypatch, caps
         return (per_sample * float("nan") if calls["n"] == 10 else per_sample), t
     monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
     from run_experiment import main
-    assert main([str(tiny_experiment)]) == 1
+    assert main([str(tiny_experiment), "--set", "train.checkpoint_every=1"]) == 1  # base.yaml saves every 5
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "tiny.yaml: loss became nan at step 10" in errors[0]
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
