@@ -1,4 +1,10 @@
-"""One error type for mistakes a user can make: the scripts print it as one line and exit 1."""
+"""How the scripts end: a mistake a user can make as one line and exit 1; Ctrl-C as one interruption, exit 130."""
+import contextlib
+import functools
+import signal
+import sys
+import threading
+import time
 
 
 class UserError(Exception):
@@ -19,16 +25,40 @@ def choose(key, kind, name, registry):
     return registry[name] if isinstance(registry, dict) else name
 
 
-def reports_user_errors(main):
-    """Wrap a command-line `main`: a UserError becomes `error: ...` on stderr and exit code 1."""
-    import functools
-    import sys
+@contextlib.contextmanager
+def one_interrupt(grace_s=5.0):
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt once; more within `grace_s` of it are ignored, so that the cleanup
+    it starts (ending the MLflow run or the Optuna trial) is not cut short and leaves nothing RUNNING: `timeout -s
+    INT` signals the process and then its process group, and users press twice. One later interrupts as usual."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    first = None
 
+    def interrupt(signum, frame):
+        nonlocal first
+        if first is None or time.monotonic() - first > grace_s:
+            first = time.monotonic()
+            raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def reports_user_errors(main):
+    """Wrap a command-line `main`: a UserError becomes `error: ...` on stderr and exit code 1, Ctrl-C one line
+    and exit code 130 once the cleanup it started has run (`one_interrupt`)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            with one_interrupt():
+                return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     return wrapper
