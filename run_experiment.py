@@ -60,7 +60,7 @@ def main(argv=None):
 
 def changes_nothing(config, base):
     """Whether an ablation resolves to its base's config: it only names an axis whose value the base already has
-    (cond_adagn on the CPU suite, cond_time_add on base.yaml). Such a run would repeat the base's."""
+    (sampler_dpmsolver20 on base.yaml). Such a run would repeat the base's."""
     ignored = {"run_name", "ablation"}
     return {k: v for k, v in flatten(config).items() if k not in ignored} == \
         {k: v for k, v in flatten(base).items() if k not in ignored}
