@@ -69,6 +69,19 @@ def test_label_frequencies_near_uniform(tmp_path):
     assert counts.sum() == 6003 * 6 and counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
 
 
+def test_more_scenes_keep_the_default_roots_scenes_and_evaluation_splits():
+    """data.synthetic_scenes above the default adds training scenes only: val and the test sets stay those
+    every figure was measured on, the held-out pairs stay out of training and the labels stay balanced."""
+    from lab.data.synthetic import DEFAULT_SCENES, make_splits
+    train, splits = make_splits(seed=0, scenes=DEFAULT_SCENES)
+    more, more_splits = make_splits(seed=0, scenes=DEFAULT_SCENES + 3000)
+    assert more[:DEFAULT_SCENES] == train and more_splits == splits and len(set(map(tuple, more))) > len(set(map(tuple, train)))
+    pairs = [set(p) for p in splits["heldout_pairs.json"]]
+    assert not any(p <= set(labels) for p in pairs for labels in more)
+    counts = torch.bincount(torch.tensor([label for labels in more for label in labels]), minlength=24).float()
+    assert counts.min() > 0.9 * counts.mean() and counts.max() < 1.1 * counts.mean()
+
+
 def real_named_root(tmp_path, n=30, rgba=True):
     """A root with the real course label files and images named as in them (our renders as pixels)."""
     root = tmp_path / "real"

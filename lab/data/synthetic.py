@@ -29,6 +29,7 @@ SPLIT_SIZES = {  # (singles, doubles, triples), as in the real files
     "val.json": (16, 24, 24),
 }
 NUM_HELDOUT_PAIRS = 8
+DEFAULT_SCENES = 6003  # the default root's scene count (3 images each, as the real training set's 18,009)
 
 
 def _sample_set(rng, k, forbidden):
@@ -53,14 +54,19 @@ def _balanced_scene(rng, counts, forbidden, objects=3):
 
 
 def make_splits(seed, scenes, objects=3):
-    """Label indices per training scene (ordered) and the label sets of every evaluation split."""
+    """Label indices per training scene (ordered) and the label sets of every evaluation split. A root of more
+    than DEFAULT_SCENES scenes has the default root's scenes and evaluation splits, then scenes of its own
+    (from another random stream), so figures measured with more training scenes compare with the default's."""
     rng = np.random.default_rng([seed, 0])
     pairs = set()
     while len(pairs) < NUM_HELDOUT_PAIRS:
         pairs.add(frozenset(int(i) for i in rng.choice(len(LABELS), size=2, replace=False)))
     train, counts = [], np.zeros(len(LABELS))
-    for _ in range(scenes):
+    for _ in range(min(scenes, DEFAULT_SCENES)):
         train.append(_balanced_scene(rng, counts, pairs, objects))
+    extra = np.random.default_rng([seed, 3])
+    for _ in range(scenes - len(train)):
+        train.append(_balanced_scene(extra, counts, pairs, objects))
     splits, taken = {}, set()
     for name, counts in SPLIT_SIZES.items():
         sets = []
@@ -111,7 +117,7 @@ def _alive(pid):
     return True
 
 
-def write_root(out, scenes=6003, seed=0, width=320, height=240, workers=None, progress=True, objects=3):
+def write_root(out, scenes=DEFAULT_SCENES, seed=0, width=320, height=240, workers=None, progress=True, objects=3):
     """Render a complete root of `scenes` scenes of `objects` objects into `out` (written beside it
     first, then renamed into place)."""
     out = Path(out)
@@ -155,7 +161,7 @@ def write_root(out, scenes=6003, seed=0, width=320, height=240, workers=None, pr
     return out
 
 
-def default_root(seed=0, scenes=6003, cache_dir=None, objects=3):
+def default_root(seed=0, scenes=DEFAULT_SCENES, cache_dir=None, objects=3):
     """The embedded default dataset: rendered into the cache folder on first use, reused afterwards."""
     suffix = "" if objects == 3 else f"-o{objects}"
     root = Path(cache_dir or default_cache_dir()) / f"synthetic-iclevr-v{GENERATOR_VERSION}-s{seed}-n{scenes}{suffix}"
