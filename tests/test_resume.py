@@ -25,9 +25,9 @@ def write_config(write_tiny_config, tiny_template):
     return lambda folder: write_tiny_config(folder / "tiny.yaml", resumable)
 
 
-def run(folder, config, env, **popen):
+def run(folder, config, env):
     return subprocess.Popen([sys.executable, str(ROOT / "run_experiment.py"), str(config)], cwd=folder, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(path, process):
