@@ -64,11 +64,14 @@ def per_label_report(probs, labels, label_names):
     })
 
 
+BINDING_ERRORS = ("wrong_colour", "wrong_shape", "both_wrong")
+
+
 def binding_errors(probs, labels, label_names):
     """Classify every wrong pick against the labels the image missed: right shape but wrong colour,
-    right colour but wrong shape, or both wrong. Names are 'colour shape'."""
+    right colour but wrong shape, or both wrong (BINDING_ERRORS), and their sum, misses. Names are 'colour shape'."""
     pred = predicted_sets(probs, labels).bool()
-    counts = {"wrong_colour": 0, "wrong_shape": 0, "both_wrong": 0}
+    counts = dict.fromkeys(BINDING_ERRORS, 0)
     split = [name.split(" ", 1) for name in label_names]
     for p, y in zip(pred, labels.bool()):
         missed = [split[i] for i in torch.nonzero(y & ~p).flatten().tolist()]

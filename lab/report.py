@@ -144,9 +144,17 @@ def reported_test_metrics(runs):
     return first + sorted(set(found) - set(first))
 
 
-# Validation figures reported beside the ranking metric when the runs have them: the binding errors of
-# the last validation (shares of the true labels missed) and the sampler's time per image.
+# Validation figures reported beside the ranking metric when the runs have them: the binding errors (shares
+# of the true labels missed) and the sampler's time per image.
 BESIDE = ("val_wrong_colour", "val_wrong_shape", "val_both_wrong", "sample_s_per_image")
+
+
+def beside_values(runs, name):
+    """A BESIDE figure per run: from the validation that chose best.pt where the run logged it (best_<name>),
+    else from its last validation (runs logged before that was recorded)."""
+    last = runs[f"metrics.{name}"]
+    chosen = f"metrics.best_{name}"
+    return runs[chosen].fillna(last) if chosen in runs.columns else last
 
 
 def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
@@ -176,7 +184,7 @@ def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
     beside = [name for name in BESIDE if f"metrics.{name}" in runs.columns and name != metric]
     stats = [metric, *beside, *reported_test_metrics(runs)]
     for name in stats:
-        frame[name] = runs[f"metrics.{name}"]
+        frame[name] = beside_values(runs, name) if name in beside else runs[f"metrics.{name}"]
     grouped = frame.groupby(keys, sort=False, dropna=False)
     table = grouped[stats].agg(["mean", "std"])
     table.columns = [f"{name}_{stat}" for name, stat in table.columns]

@@ -159,7 +159,11 @@ def strip_image(model, setup, seed):
 
 def load_for_sampling(path, device="cpu"):
     """best.pt -> (model, its validated config) for scoring or sampling later."""
-    state = load_checkpoint(path)
+    return model_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def model_from_checkpoint(state, path, device="cpu"):
+    """A loaded best.pt (read from `path`) -> (model, its validated config)."""
     config = ExperimentConfig.model_validate(yaml.safe_load(state["config"]))
     model = build.model(config)
     try:

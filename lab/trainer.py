@@ -23,9 +23,9 @@ from lab.config import to_yaml
 from lab.data import normalize
 from lab.diffusion import diffusion_loss, loss_weights
 from lab.errors import UserError
-from lab.eval import binding_errors, course_accuracy, evaluator_ready, for_evaluator
+from lab.eval import BINDING_ERRORS, binding_errors, course_accuracy, evaluator_ready, for_evaluator
 from lab.metrics import frechet_distance, kernel_distance
-from lab.sampling import generate, grid_image, load_for_sampling, score_splits, strip_image
+from lab.sampling import generate, grid_image, model_from_checkpoint, score_splits, strip_image
 from lab.tracking import NoTracker, Tracker, machine, resolve_uri
 
 class NonFiniteLoss(UserError):
@@ -299,7 +299,7 @@ def validation(model, setup, tracker, reference_features, step, best_acc, best_p
         tracker.log_image(strip, "denoising_strip", step)
     if acc > best_acc:
         save_checkpoint({"model": model.state_dict(), "config": to_yaml(setup.config), "step": step,
-                         "val_accuracy": acc}, best_path)
+                         "val_accuracy": acc, "val_metrics": metrics}, best_path)
     write(f"step {step}: val accuracy {acc:.3f} ± {metrics['val_accuracy_std']:.3f} over "
           f"{setup.config.eval.val_seeds} seeds (best {max(acc, best_acc):.3f}), kid {metrics['val_kid']:.4f}, "
           f"fd {metrics['val_fd']:.1f}")
@@ -353,7 +353,7 @@ def validate(model, setup, reference_features, step):
     features = setup.evaluator.features(for_evaluator(torch.cat(images)))
     true_labels = float(labels.sum()) * seeds
     metrics = {"val_accuracy": float(np.mean(accuracies)), "val_accuracy_std": float(np.std(accuracies)),
-               **{f"val_{kind}": errors[kind] / true_labels for kind in ("wrong_colour", "wrong_shape", "both_wrong")},
+               **{f"val_{kind}": errors[kind] / true_labels for kind in BINDING_ERRORS},
                "val_kid": kernel_distance(features, reference_features),
                "val_fd": frechet_distance(features, reference_features), "sample_s_per_image": sample_s}
     return metrics, images[0]
@@ -374,11 +374,15 @@ def save_latest(train_step, step, epochs_done, best_acc, run_id, path):
 
 
 def finish(setup, tracker, best_path, best_acc, step):
-    """Score the best checkpoint once on the test splits; log the scores and the checkpoint."""
-    model, _ = load_for_sampling(best_path, setup.device)
+    """Score the best checkpoint once on the test splits; log the scores, the binding errors of the validation
+    that chose it (best_val_wrong_colour, ...) and the checkpoint."""
+    state = load_checkpoint(best_path)
+    model, _ = model_from_checkpoint(state, best_path, setup.device)
     scores = score_splits(model, setup, setup.config.eval.final_seeds,
                           log_grid=lambda image, key: tracker.log_image(image, key, step))
-    metrics = {"best_val_accuracy": best_acc}
+    chosen = state.get("val_metrics", {})  # absent from best.pt files saved before it was recorded
+    metrics = {"best_val_accuracy": best_acc,
+               **{f"best_val_{kind}": chosen[f"val_{kind}"] for kind in BINDING_ERRORS if f"val_{kind}" in chosen}}
     for name, (mean, std, _) in scores.items():
         stem = Path(name).stem
         metrics[f"{stem}_accuracy"] = mean

@@ -166,6 +166,17 @@ def test_a_difference_within_noise_is_marked():
     assert rows[-1].split("|")[5].strip() == "+0.000 [-0.094, 0.094] (noise)"  # Welch: 3.45 df, half-width 2.98 x 0.0316
 
 
+def test_binding_errors_are_the_chosen_validations():
+    """Beside best_val_accuracy: the binding errors of the validation that chose best.pt (best_val_*), not of
+    the last one; a run logged before those were recorded falls back to its last validation's."""
+    import pandas as pd
+    runs = pd.DataFrame({"run_id": list("ab"), "ablation": ["base", "base"],
+                         "metrics.best_val_accuracy": [0.8, 0.9],
+                         "metrics.val_wrong_colour": [0.3, 0.5], "metrics.best_val_wrong_colour": [0.1, None]})
+    table = report.ablation_table(runs)
+    assert table["val_wrong_colour_mean"].tolist() == [pytest.approx(0.3)]  # (0.1 + 0.5) / 2
+
+
 def test_best_is_chosen_by_validation_never_by_test(store, store_uri, capsys):
     _, ids = store
     code, out, _ = run_cli(capsys, "--best")

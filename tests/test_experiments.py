@@ -107,6 +107,11 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     val = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in val] == [2 * steps_per_epoch, 3 * steps_per_epoch]
     assert all(0 <= m.value <= 1 for m in val)
+    # the binding errors beside best_val_accuracy are those of the validation that chose best.pt
+    chosen = max(val, key=lambda m: (m.value, -m.step)).step
+    for kind in ("wrong_colour", "wrong_shape", "both_wrong"):
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{kind}")}
+        assert metrics[f"best_val_{kind}"] == pytest.approx(history[chosen])
     for key in ("loss_q1", "loss_q4", "lr", "images_per_s", "val_fd", "val_kid", "test_accuracy", "new_test_accuracy",
                 "test_accuracy_std", "best_val_accuracy", "val_accuracy_std", "val_wrong_colour", "val_wrong_shape",
                 "val_both_wrong", "heldout_test_accuracy"):  # the held-out pairs: scored by default on synthetic roots
