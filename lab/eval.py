@@ -298,11 +298,21 @@ def main(argv=None):
                        help="MLflow store for the training run (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes")
     check.add_argument("checkpoint")
+    bench = sub.add_parser("bench", help="training images/s of the evaluator's step, layer4 as oneDNN's "
+                                         "convolution and as a matmul, side by side")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 96])
+    bench.add_argument("--steps", type=int, default=60, help="timed steps per case, after 5 untimed")
     for command in (train, check):
         command.add_argument("--scenes", type=int, default=1000,
                              help="held-out scenes of 3 objects (3 images each; a fifth as many of 5 objects)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.command == "bench":
+        from lab.evaluator_training import step_benchmark
+        table = step_benchmark(args.batch_sizes, args.steps, device=device)
+        print(f"evaluator training step, {torch.get_num_threads()} threads on {device}:")
+        print(table.to_string(index=False, float_format="%.2f"))
+        return 0
     if args.command == "train":
         recipe = {"phases": parse_phases(args.phases)} if args.phases else None
         root = resolve_root(args.root)

@@ -4,9 +4,10 @@ The course's evaluator was "trained on iclevr dataset with 1 to 5 objects and th
 upsampled 64x64 images from 32x32 images", so ours sees the same: the generator's training root (1-3
 objects) plus synthetic scenes of 1-5 objects, each image drawn at 64, 48 or 32 pixels and upsampled to
 64x64 the way samples reach the evaluator (`lab.eval.for_evaluator`). Half of each batch revisits the
-images it got most wrong when it last saw them. It trains at the evaluator's own
-64x64 input throughout: cheaper 32x32 or 48x48 phases were measured and lost more accuracy than the
-time they saved (README, Evaluator).
+images it got most wrong when it last saw them. On a synthetic root the renderer also says which object
+covers each pixel, and a throwaway head on layer2 learns that map beside the labels (dense supervision).
+It trains at the evaluator's own 64x64 input throughout: cheaper 32x32 or 48x48 phases were measured and
+lost more accuracy than the time they saved (README, Evaluator).
 """
 import hashlib
 import json
@@ -33,7 +34,10 @@ RECIPE = {
     "extra_objects": 5,
     # [input size, images seen, peak learning rate] per phase. One phase at the evaluator's 64x64: on 2 CPU
     # cores a 32x32 phase runs 2x faster but transfers badly (README, Evaluator: measured recipes).
-    "phases": [[64, 110_000, 2e-3]],
+    # Accuracy still grows with the images seen: about the most that fit in 4 minutes on 2 CPU cores. Batch 64:
+    # 96 and 128 run more images a second but take fewer steps; in the same minutes 96 did no better and 128
+    # worse (README, Evaluator).
+    "phases": [[64, 125_000, 2e-3]],
     "draw_sizes": [64, 48, 32],   # resolutions an image is drawn at before it is upsampled to 64x64
     "batch_size": 64,
     # Of each batch, drawn again in proportion to their loss when last seen (the rest is a plain epoch
@@ -44,6 +48,8 @@ RECIPE = {
     "weight_decay": 5e-4,
     "warmup_fraction": [0.15, 0.05],  # of the first phase's steps, of each later phase's
     "recalibrate_images": 2048,
+    # Weight of the dense loss on layer2 (synthetic roots only; 0: off). It mostly helped scenes of 4-5 objects.
+    "dense_weight": 1.0,
     "seed": 0,
 }
 EXTRA_SEED = 1_000  # the extra scenes' seed, apart from the generator's roots (0, ...) and the checks'
@@ -64,30 +70,39 @@ def extra_root(root, recipe):
 
 
 def training_set(root, recipe):
-    """The root's training images, plus the extra scenes of up to 5 objects when the root is synthetic."""
-    data = load_train(root)
-    extra = extra_root(root, recipe)
-    if extra is None:
-        return data
-    extra = load_train(extra)
-    if extra.label_names != data.label_names:
-        raise ValueError("the extra scenes' labels differ from the root's")
-    return TrainingSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),
-                       data.names + extra.names, data.label_names)
+    """The root's training images, plus the extra scenes of up to 5 objects when the root is synthetic, with
+    their label maps when the recipe supervises layer2 densely (synthetic roots only: a real root has none)."""
+    from lab.data.synthetic import label_maps
+    data, roots = load_train(root), [root]
+    more = extra_root(root, recipe)
+    if more is not None:
+        extra = load_train(more)
+        if extra.label_names != data.label_names:
+            raise ValueError("the extra scenes' labels differ from the root's")
+        data = TrainingSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),
+                           data.names + extra.names, data.label_names)
+        roots.append(more)
+    if recipe["dense_weight"] and (maps := [label_maps(r) for r in roots])[0] is not None:
+        data.label_maps = torch.cat(maps)
+    return data
 
 
-def augment(x, generator, size=64, draw_sizes=(64,), shift=4):
+def augment(x, generator, size=64, draw_sizes=(64,), shift=4, maps=None):
     """Label-preserving augmentation of a batch in [-1, 1]: horizontal flips (labels have no left or
     right), a shift of up to `shift` pixels, a little pixel noise (samples are noisier than renders);
     each image is drawn at one of `draw_sizes` and upsampled to 64 as samples are, then resized to the
-    phase's input `size`."""
+    phase's input `size`. With `maps` (B, 64, 64 label maps) returns them flipped and shifted alike too."""
     b, device = len(x), x.device
     flip = torch.rand(b, generator=generator, device=device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if maps is not None:
+        maps = torch.where(flip[:, None, None], maps.flip(2), maps)
     if shift:
         h, w = x.shape[-2:]
         dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=generator, device=device).tolist()
         x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
+        if maps is not None:
+            maps = F.pad(maps[:, None].float(), (shift,) * 4, mode="replicate")[:, 0, dy:dy + h, dx:dx + w].to(maps.dtype)
     if size == EVALUATOR_SIZE:
         drawn = torch.randint(0, len(draw_sizes), (b,), generator=generator, device=device)
         for i, draw in enumerate(draw_sizes):
@@ -96,7 +111,22 @@ def augment(x, generator, size=64, draw_sizes=(64,), shift=4):
                 x[rows] = for_evaluator(resize(x[rows], draw))
     x = resize(x, size)
     x = x + 0.04 * torch.randn(x.shape, generator=generator, device=device)
-    return x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return x if maps is None else (x, maps)
+
+
+def coverage(maps, classes, cells):
+    """(B, classes, cells, cells): the fraction of each cell of square label maps covered by each label (a
+    count per image, label and cell: a one-hot of every pixel cost as much as the network's forward)."""
+    b, size = len(maps), maps.shape[-1]
+    cell = (torch.arange(size, device=maps.device) * cells // size)
+    cell = (cell[:, None] * cells + cell[None, :]).expand(b, size, size)
+    label = maps.long().clamp(max=classes)  # GROUND -> one bin past the labels, dropped below
+    image = torch.arange(b, device=maps.device)[:, None, None]
+    counts = torch.bincount(((image * (classes + 1) + label) * cells * cells + cell).flatten(),
+                            minlength=b * (classes + 1) * cells * cells)
+    pixels = (size // cells) ** 2
+    return (counts.view(b, classes + 1, cells, cells)[:, :classes] / pixels).float()
 
 
 def batches(last_loss, steps, batch_size, hard_fraction):
@@ -110,17 +140,70 @@ def batches(last_loss, steps, batch_size, hard_fraction):
         yield torch.cat([idx, torch.multinomial(last_loss, hard)]) if hard else idx
 
 
-def _centre_tap_forward(conv):
-    """On a 1x1 feature map a 3x3 convolution with padding 1 sees only its centre tap: a matmul. Same
-    outputs and gradients, but oneDNN's float32 convolution backward there took 14x its forward on AVX2
-    (layer4 at 32x32 input: 1.4 s of a 3.3 s step)."""
+def _small_map_forward(conv):
+    """On a map of at most 2x2 (layer4: 2x2 at 64x64 input, 1x1 at 32x32) every tap of a 3x3 convolution with
+    padding 1 that reads the map is one block of a matmul: input positions x channels against output positions
+    x channels, the padding's zeros skipped (4/9 of the multiply-adds at 2x2). Same outputs and gradients;
+    oneDNN's bf16 convolution backward there ran at half its forward's rate. 1.14x the images/s of the whole
+    step at batch 64 on 2 CPU cores (`python -m lab.eval bench`)."""
     full = conv.forward
 
     def forward(x):
-        if x.shape[-2:] != (1, 1):
+        h, w = x.shape[-2:]
+        if h > 2 or w > 2:
             return full(x)
-        return F.linear(x.flatten(1), conv.weight[:, :, 1, 1], conv.bias)[..., None, None]
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # taps[dy][dx]: (out, in) slices of the weight; unbind, not indexing, so that the backward is one stack
+        taps = [row.unbind(-1) for row in conv.weight.to(dtype).unbind(-2)]
+        cells = [(i, j) for i in range(h) for j in range(w)]
+        block = torch.cat([torch.cat([taps[i - oi + 1][j - oj + 1] for i, j in cells], 1) for oi, oj in cells], 0)
+        bias = None if conv.bias is None else conv.bias.to(dtype).repeat(h * w)
+        y = F.linear(x.permute(0, 2, 3, 1).reshape(len(x), -1).to(dtype), block, bias)
+        return y.view(len(x), h, w, -1).permute(0, 3, 1, 2)  # channels_last memory, as the input
     return forward
+
+
+def training_modules(num_labels, device, small_maps=True):
+    """The course's ResNet18 (channels_last) and the two halves the trainer runs: conv1 to layer2 (whose
+    features the dense head reads) and layer3 to fc's Linear (logits: a stable BCE; the saved model keeps
+    the course's Sigmoid). `small_maps`: layer4's 3x3 convolutions run as `_small_map_forward` (an instance
+    attribute: the saved weights are unchanged)."""
+    model = build_resnet(num_labels).to(device).to(memory_format=torch.channels_last)
+    children = list(model.children())[:-1]
+    cut = children.index(model.layer2) + 1
+    if small_maps:
+        for conv in [m for m in model.layer4.modules() if isinstance(m, nn.Conv2d)]:
+            if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
+                conv.forward = _small_map_forward(conv)
+    return model, nn.Sequential(*children[:cut]), nn.Sequential(*children[cut:], nn.Flatten(), model.fc[0])
+
+
+def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
+    """Training images/s of the evaluator's step (forward, BCE, backward, fused AdamW; bf16 where native) with
+    layer4's convolutions as oneDNN runs them and as `_small_map_forward`, side by side, on random 64x64 input."""
+    import pandas as pd
+    rows = []
+    for batch_size in batch_sizes:
+        x = torch.randn(batch_size, 3, EVALUATOR_SIZE, EVALUATOR_SIZE, device=device)
+        x, target = x.contiguous(memory_format=torch.channels_last), (torch.rand(batch_size, 24, device=device) < 0.1).float()
+        speed = {}
+        for small_maps in (False, True):
+            torch.manual_seed(0)
+            model, lower, upper = training_modules(24, device, small_maps)
+            opt = torch.optim.AdamW(model.parameters(), fused=True)
+            for i in range(warmup + steps):
+                if i == warmup:
+                    start = time.perf_counter()
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device)):
+                    logits = upper(lower(x))
+                opt.zero_grad(set_to_none=True)
+                F.binary_cross_entropy_with_logits(logits.float(), target).backward()
+                opt.step()
+            speed[small_maps] = steps * batch_size / (time.perf_counter() - start)
+        rows.append({"batch size": batch_size, "oneDNN images/s": speed[False],
+                     "small-map matmul images/s": speed[True], "ratio": speed[True] / speed[False]})
+    return pd.DataFrame(rows)
 
 
 def recalibrate_batchnorm(body, images, size, draw_sizes, generator, count, batch_size=128):
@@ -149,16 +232,18 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
     torch.manual_seed(recipe["seed"])
     data = data if data is not None else training_set(root, recipe)
     images, labels = data.images, data.labels
-    model = build_resnet(labels.shape[1]).to(device).to(memory_format=torch.channels_last)
-    head = model.fc[0]  # train on logits for a stable BCE; the saved model keeps the course's Sigmoid
-    body = nn.Sequential(*list(model.children())[:-1], nn.Flatten(), head)
-    for conv in [m for m in model.layer4.modules() if isinstance(m, nn.Conv2d)]:
-        if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
-            conv.forward = _centre_tap_forward(conv)  # an instance attribute: the saved weights are unchanged
-    bf16 = fast_bf16(device)
+    model, lower, upper = training_modules(labels.shape[1], device)
+    body = nn.Sequential(lower, upper)
+    # Dense supervision: a 1x1 convolution on layer2 predicts how much of each cell every label covers, so that
+    # small far objects teach the early layers directly. Trained alongside, never saved: the checkpoint stays
+    # the course's.
+    maps = data.label_maps if recipe["dense_weight"] else None
+    dense_head = None if maps is None else nn.Conv2d(model.layer2[-1].bn2.num_features, labels.shape[1], 1).to(device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device))
     batch_size, draw_sizes = recipe["batch_size"], recipe["draw_sizes"]
     # fused: one kernel for all parameters (4% more images/s on 2 CPU cores than the per-tensor loop)
-    opt = torch.optim.AdamW(model.parameters(), weight_decay=recipe["weight_decay"], fused=True)
+    parameters = [*model.parameters(), *(dense_head.parameters() if dense_head is not None else ())]
+    opt = torch.optim.AdamW(parameters, weight_decay=recipe["weight_decay"], fused=True)
     generator = torch.Generator(device).manual_seed(recipe["seed"])
     plan = [(size, math.ceil(count / batch_size), lr) for size, count, lr in recipe["phases"]]
     bar = tqdm(total=sum(steps for _, steps, _ in plan), desc="evaluator", unit="step", mininterval=2, disable=None)
@@ -174,12 +259,21 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
         model.train()
         total, phase_start = 0.0, time.time()
         for i, idx in enumerate(batches(last_loss, steps, batch_size, recipe["hard_fraction"]), 1):
-            x = augment(normalize(images[idx]).to(device), generator, size=size, draw_sizes=draw_sizes,
-                        shift=4 * size // EVALUATOR_SIZE)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                logits = body(x)
+            x, how = normalize(images[idx]).to(device), dict(size=size, draw_sizes=draw_sizes, shift=4 * size // EVALUATOR_SIZE)
+            if maps is None:
+                x = augment(x, generator, **how)
+            else:
+                x, batch_maps = augment(x, generator, **how, maps=maps[idx].to(device))
+            with autocast:
+                features = lower(x)
+                logits = upper(features)
             per_image = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none").mean(1)
             loss = per_image.mean()
+            if dense_head is not None:
+                with autocast:
+                    dense_logits = dense_head(features).float()
+                target = coverage(batch_maps, labels.shape[1], dense_logits.shape[-1])
+                loss = loss + recipe["dense_weight"] * F.binary_cross_entropy_with_logits(dense_logits, target)
             last_loss[idx] = per_image.detach().cpu()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -51,6 +51,24 @@ def test_synthetic_splits(tiny_root):
     assert not test_sets & {frozenset(s) for s in json.loads((tiny_root / "val.json").read_text())}
 
 
+def test_label_maps_show_each_images_objects_where_they_are_drawn(tiny_root, tmp_path):
+    """The evaluator's dense targets: per pixel, the label of the object drawn there (GROUND elsewhere)."""
+    from lab.data.render import render_scene
+    from lab.data.synthetic import GROUND, label_maps
+    data = load_train(tiny_root, cache_dir=tmp_path)
+    maps = label_maps(tiny_root, workers=1)
+    assert maps.shape == (len(data.names), 64, 64) and maps.dtype == torch.uint8
+    for image_labels, image_map in zip(data.labels, maps):
+        assert set(image_map.unique().tolist()) - {GROUND} == set(image_labels.nonzero().flatten().tolist())
+    Image.fromarray(render_scene([], supersample=1)).save(tmp_path / "ground.png")
+    ground = torch.from_numpy(iclevr.decode(tmp_path / "ground.png", 64)).int()
+    changed = (data.images.int() - ground).abs().sum(1) > 24  # (N, 64, 64): pixels the objects alter
+    on_objects = changed[maps != GROUND].float().mean()
+    on_ground = changed[maps == GROUND].float().mean()  # shadows and the objects' blurred edges
+    assert on_objects > 0.9 and on_ground < 0.05, (on_objects, on_ground)
+    assert label_maps(tmp_path) is None  # a real root (no synthetic.json) has none
+
+
 def test_render_is_deterministic_by_seed(tmp_path, tiny_root):
     again = write_root(tmp_path / "again", scenes=20, seed=1, workers=2, progress=False)
     for name in ("train.json", "test.json", "val.json", "iclevr/CLEVR_train_000013_2.png"):

@@ -130,6 +130,7 @@ class TrainingSet:
     labels: torch.Tensor   # (N, num_labels) float multi-hot
     names: list            # image file names, in train.json order
     label_names: list      # label names in index order
+    label_maps: torch.Tensor | None = None  # (N, 64, 64) uint8 label seen at each pixel (lab.data.synthetic.label_maps)
 
 
 def default_cache_dir():

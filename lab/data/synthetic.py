@@ -14,11 +14,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
 from lab.data.iclevr import default_cache_dir
-from lab.data.render import COLORS, SHAPES, render_scene, sample_scene
+from lab.data.render import COLORS, SHAPES, id_buffer, render_scene, sample_scene
 from lab.errors import UserError
 
 GENERATOR_VERSION = 3  # bump when the renderer or the splits change: cached roots are regenerated
@@ -29,6 +30,7 @@ SPLIT_SIZES = {  # (singles, doubles, triples), as in the real files
     "val.json": (16, 24, 24),
 }
 NUM_HELDOUT_PAIRS = 8
+GROUND = 255  # label_maps' value where no object is seen
 DEFAULT_SCENES = 6003  # the default root's scene count (3 images each, as the real training set's 18,009)
 
 
@@ -88,10 +90,15 @@ def make_splits(seed, scenes, objects=3):
     return train, splits
 
 
+def scene_objects(seed, scene, labels):
+    """The placed objects of training scene `scene` of a root of `seed` (labels: its label indices)."""
+    rng = np.random.default_rng([seed, 1, scene])  # per scene: output does not depend on scheduling
+    return sample_scene(rng, [tuple(LABELS[i].split()) for i in labels])
+
+
 def _render_scene_files(args):
     folder, name, seed, scene, labels, width, height = args
-    rng = np.random.default_rng([seed, 1, scene])  # per scene: output does not depend on scheduling
-    objects = sample_scene(rng, [tuple(LABELS[i].split()) for i in labels])
+    objects = scene_objects(seed, scene, labels)
     for k in range(len(objects)):
         # One ray a pixel: every reader shrinks the 320x240 frame to 64x64 or less, where 2x2 supersampling
         # changes pixels by 0.04/255 on average and costs 2.4x the time.
@@ -171,3 +178,34 @@ def default_root(seed=0, scenes=DEFAULT_SCENES, cache_dir=None, objects=3):
         shutil.rmtree(root, ignore_errors=True)
         write_root(root, scenes=scenes, seed=seed, objects=objects)
     return root
+
+
+def _scene_label_maps(args):
+    seed, scene, labels, size = args
+    objects = scene_objects(seed, scene, labels)
+    # The 4:3 frame is stretched to a square image as the renders are: cast at size x 3/4 size, stretch the rows.
+    rows = ((np.arange(size) + 0.5) * 0.75).astype(int)
+    maps = []
+    for k in range(len(objects)):
+        nearest = id_buffer(objects[:k + 1], size, size * 3 // 4)[rows]
+        maps.append(np.where(nearest >= 0, np.array(labels)[nearest], GROUND).astype(np.uint8))
+    return scene, maps
+
+
+def label_maps(root, size=64, workers=None):
+    """(N, size, size) uint8 for the training images of a synthetic root, in train.json order: the label
+    index of the object seen at each pixel, GROUND where the ground shows. Recomputed from the root's seed
+    (a few seconds); None for a real root, which has no such maps."""
+    meta_path = Path(root) / "synthetic.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    train, _ = make_splits(meta["seed"], meta["scenes"], meta["objects"])
+    jobs = [(meta["seed"], scene, labels, size) for scene, labels in enumerate(train)]
+    with get_context("fork" if os.name == "posix" else "spawn").Pool(workers or os.cpu_count() or 1) as pool:
+        per_scene = dict(pool.imap_unordered(_scene_label_maps, jobs, chunksize=32))
+    maps = []
+    for name in json.loads((Path(root) / "train.json").read_text()):
+        scene, k = name.removesuffix(".png").rsplit("_", 2)[1:]  # CLEVR_train_{scene}_{k}.png
+        maps.append(per_scene[int(scene)][int(k)])
+    return torch.from_numpy(np.stack(maps))
