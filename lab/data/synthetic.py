@@ -181,13 +181,13 @@ def default_root(seed=0, scenes=DEFAULT_SCENES, cache_dir=None, objects=3):
 
 
 def _scene_label_maps(args):
-    seed, scene, labels, size = args
+    seed, scene, labels, size, height = args
     objects = scene_objects(seed, scene, labels)
-    # The 4:3 frame is stretched to a square image as the renders are: cast at size x 3/4 size, stretch the rows.
-    rows = ((np.arange(size) + 0.5) * 0.75).astype(int)
+    # The frame is stretched to a square image as the renders are: cast `height` rows of `size`, stretch them.
+    rows = ((np.arange(size) + 0.5) * height / size).astype(int)
     maps = []
     for k in range(len(objects)):
-        nearest = id_buffer(objects[:k + 1], size, size * 3 // 4)[rows]
+        nearest = id_buffer(objects[:k + 1], size, height)[rows]
         maps.append(np.where(nearest >= 0, np.array(labels)[nearest], GROUND).astype(np.uint8))
     return scene, maps
 
@@ -201,7 +201,8 @@ def label_maps(root, size=64, workers=None):
         return None
     meta = json.loads(meta_path.read_text())
     train, _ = make_splits(meta["seed"], meta["scenes"], meta["objects"])
-    jobs = [(meta["seed"], scene, labels, size) for scene, labels in enumerate(train)]
+    height = round(size * meta["height"] / meta["width"])
+    jobs = [(meta["seed"], scene, labels, size, height) for scene, labels in enumerate(train)]
     with get_context("fork" if os.name == "posix" else "spawn").Pool(workers or os.cpu_count() or 1) as pool:
         per_scene = dict(pool.imap_unordered(_scene_label_maps, jobs, chunksize=32))
     maps = []
