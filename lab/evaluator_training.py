@@ -102,7 +102,8 @@ def augment(x, generator, size=64, draw_sizes=(64,), shift=4, maps=None):
         dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=generator, device=device).tolist()
         x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
         if maps is not None:
-            maps = F.pad(maps[:, None].float(), (shift,) * 4, mode="replicate")[:, 0, dy:dy + h, dx:dx + w].to(maps.dtype)
+            padded = F.pad(maps[:, None].float(), (shift,) * 4, mode="replicate")
+            maps = padded[:, 0, dy:dy + h, dx:dx + w].to(maps.dtype)
     if size == EVALUATOR_SIZE:
         drawn = torch.randint(0, len(draw_sizes), (b,), generator=generator, device=device)
         for i, draw in enumerate(draw_sizes):
@@ -186,7 +187,8 @@ def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
     rows = []
     for batch_size in batch_sizes:
         x = torch.randn(batch_size, 3, EVALUATOR_SIZE, EVALUATOR_SIZE, device=device)
-        x, target = x.contiguous(memory_format=torch.channels_last), (torch.rand(batch_size, 24, device=device) < 0.1).float()
+        x = x.contiguous(memory_format=torch.channels_last)
+        target = (torch.rand(batch_size, 24, device=device) < 0.1).float()
         speed = {}
         for small_maps in (False, True):
             torch.manual_seed(0)
@@ -259,7 +261,8 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
         model.train()
         total, phase_start = 0.0, time.time()
         for i, idx in enumerate(batches(last_loss, steps, batch_size, recipe["hard_fraction"]), 1):
-            x, how = normalize(images[idx]).to(device), dict(size=size, draw_sizes=draw_sizes, shift=4 * size // EVALUATOR_SIZE)
+            x = normalize(images[idx]).to(device)
+            how = dict(size=size, draw_sizes=draw_sizes, shift=4 * size // EVALUATOR_SIZE)
             if maps is None:
                 x = augment(x, generator, **how)
             else:
