@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lab.config import check_inputs, flatten, load_config, read_yaml, to_yaml
+from lab.checks import check_run
+from lab.config import flatten, load_config, read_yaml, to_yaml
 from lab.errors import UserError, reports_user_errors
 
 
@@ -51,7 +52,7 @@ def main(argv=None):
         print(f"{args.config}: changes nothing on {base} (preset {config.preset}); nothing to run")
         return 0
     if args.dry_run:
-        check_inputs(config)  # the checks a run makes before loading data, loading none (and no torch)
+        check_run(config, args.fresh)  # what a run checks before it loads data or writes anything
         print(to_yaml(config), end="")
         return 0
     print_summaries(run(config, args.config, seeds=seeds, fresh=args.fresh, device=args.device))
@@ -70,13 +71,13 @@ def run(config, config_path, seeds=None, fresh=False, device=None, extra_tags=No
     """Train `config` once, or once per seed with run names `<name>-seed<k>` and a shared group tag."""
     from lab import build, trainer  # heavy imports (torch, diffusers) only when training
     if not seeds:
-        return [trainer.train(build.prepare(config, config_path, device), fresh=fresh, extra_tags=extra_tags,
+        return [trainer.train(build.prepare(config, config_path, device, fresh), fresh=fresh, extra_tags=extra_tags,
                               **train_options)]
     summaries = []
     for seed in seeds:
         seeded = config.model_copy(update={"seed": seed, "run_name": f"{config.run_name}-seed{seed}"})
         tags = {"group": config.run_name, **(extra_tags or {})}  # every seed keeps the caller's tags
-        summaries.append(trainer.train(build.prepare(seeded, config_path, device), fresh=fresh, extra_tags=tags,
+        summaries.append(trainer.train(build.prepare(seeded, config_path, device, fresh), fresh=fresh, extra_tags=tags,
                                        **train_options))
     return summaries
 

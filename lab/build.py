@@ -1,14 +1,13 @@
 """A validated config becomes built objects here, and only here: the data root, the model, the noise
-scheduler, the evaluator, the optimiser, EMA, autocast and compile decisions. The trainer, the sweeps,
-the report and the benchmark receive what this module builds; none of them decodes the config again.
+scheduler, the evaluator, the optimiser, the learning-rate schedule, EMA, autocast and compile decisions. The
+trainer, the sweeps, the sample command and the benchmark receive what this module builds; none of them decodes
+the config again.
 
     setup = prepare(config, "experiments/base.yaml")     # a training Setup (data, model, evaluator, ...)
     opt = optimisation(config, setup.model, setup.device, total_steps)
     scoring = sampling_setup(model, config, device)      # what sampling a checkpoint needs, no training data
 """
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +15,13 @@ import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from lab import parallel
-from lab.config import check_inputs, check_split_files
-from lab.data import load_condition_sets, load_objects, load_train, resolve_root
-from lab.diffusion import make_noise_scheduler
-from lab.errors import UserError
-from lab.eval import ensure_evaluator
+from lab import parallel, schedules
+from lab.checks import check_run
+from lab.data.iclevr import load_condition_sets, load_train
+from lab.data.labels import load_objects
+from lab.data.roots import resolve_root
+from lab.evaluator_cache import ensure_evaluator, strict_judge_for
+from lab.hardware import fast_bf16
 from lab.model_zoo import build_model
 
 
@@ -32,7 +32,8 @@ class SamplingSetup:
     device: torch.device
     model: torch.nn.Module
     noise_scheduler: object  # the training DDPMScheduler: the samplers take its betas
-    evaluator: object       # lab.eval.Evaluator
+    evaluator: object       # lab.eval.Evaluator: the course's rule, and the features of KID and FD
+    strict_judge: object    # an Evaluator with a count head for these images, or None (no strict figures)
     label_names: list       # label index -> name (objects.json), for the captions of sample grids
     test_labels: dict       # split name -> multi-hot label sets, scored at the end
 
@@ -70,55 +71,45 @@ def final_splits(root, config):
     return [*config.eval.test_splits, *extra]
 
 
-def model(config):
+def make_model(config):
+    """The config's UNet with its conditioning front-end (lab.model_zoo)."""
     m = config.model
     return build_model(m.unet, m.conditioning, image_size=config.data.image_size, patch_size=m.patch_size,
                        width=m.width, attention_resolutions=m.attention_resolutions, cfg_null=m.cfg_null,
                        **m.overrides)
 
 
-def unet_problem(config):
-    """Why diffusers refuses to build the config's UNet, or None: built on the meta device (no memory, no time)."""
-    try:
-        with torch.device("meta"):
-            model(config)
-    except UserError as e:
-        return e.message
-    return None
-
-
-def noise_scheduler(config):
+def make_noise_scheduler(config):
+    """The training noise scheduler of the config (lab.schedules)."""
     d = config.diffusion
-    return make_noise_scheduler(d.beta_schedule, d.num_train_timesteps, d.prediction_type)
+    return schedules.make_noise_scheduler(d.beta_schedule, d.num_train_timesteps, d.prediction_type)
 
 
-def prepare(config, config_path, device=None):
+def prepare(config, config_path, device=None, fresh=False):
     """Everything a run needs, checked before a run is created: a bad input leaves nothing behind."""
     device = pick_device(device)
     parallel.init(device)
     if not parallel.is_main():
         parallel.barrier()  # wait for the main process to render the data and train the evaluator
-    setup = _prepare(config, config_path, device)
+    setup = _prepare(config, config_path, device, fresh)
     if parallel.is_main():
         parallel.barrier()
     return setup
 
 
-def _prepare(config, config_path, device):
+def _prepare(config, config_path, device, fresh):
     if parallel.is_main():
-        check_inputs(config)
+        check_run(config, fresh)  # what --dry-run checks too
     root = data_root(config)
-    check_split_files(root, config)
     seed_everything(config.seed)
-    unet = model(config).to(device)
     data = load_train(root, config.data.image_size, config.data.image_dir)
-    if data.labels.shape[1] != unet.build_kwargs["num_labels"]:
-        raise UserError(root, f"{data.labels.shape[1]} labels in objects.json; the models expect 24")
+    # an evaluator still to train trains beside the generator's first minutes (EvaluatorInTraining)
+    evaluator = ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri,
+                                 beside=parallel.world_size() == 1)
     return Setup(
-        config=config, device=device, model=unet, noise_scheduler=noise_scheduler(config),
-        # an evaluator still to train trains beside the generator's first minutes (lab.eval.EvaluatorInTraining)
-        evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri,
-                                   beside=parallel.world_size() == 1), label_names=data.label_names,
+        config=config, device=device, model=make_model(config).to(device), noise_scheduler=make_noise_scheduler(config),
+        evaluator=evaluator, strict_judge=strict_judge_for(root, evaluator, config.eval.evaluator, device),
+        label_names=data.label_names,
         test_labels={name: load_condition_sets(root, name) for name in final_splits(root, config)},
         config_path=Path(config_path), root=root, data=data,
         val_labels=load_condition_sets(root, config.eval.split), out_dir=Path(config.output_dir) / config.run_name)
@@ -127,22 +118,16 @@ def _prepare(config, config_path, device):
 def sampling_setup(unet, config, device, splits=None):
     """Sampling and scoring `unet` (a checkpoint's model) with the data root and evaluator its config names."""
     root = data_root(config)
-    return SamplingSetup(config=config, device=device, model=unet, noise_scheduler=noise_scheduler(config),
-                         evaluator=ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri),
+    evaluator = ensure_evaluator(root, config.eval.evaluator, device, config.tracking_uri)
+    return SamplingSetup(config=config, device=device, model=unet, noise_scheduler=make_noise_scheduler(config),
+                         evaluator=evaluator, strict_judge=strict_judge_for(root, evaluator, config.eval.evaluator,
+                                                                            device),
                          label_names=load_objects(root),
                          test_labels={name: load_condition_sets(root, name)
                                       for name in splits or final_splits(root, config)})
 
 
 # --- how the model trains --------------------------------------------------------------------------------
-
-def fast_bf16(device):
-    """Whether bf16 autocast speeds this device up: GPUs, and CPUs with native bf16 (AVX-512 BF16 or AMX).
-    Elsewhere bf16 is emulated: on a 2-core AVX2 EPYC it made ResNet18 training 5x slower than float32."""
-    if torch.device(device).type == "cuda":
-        return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
 
 def uses_bf16(config, device):
     """bf16 autocast when asked, or by default where it is fast (fast_bf16)."""
@@ -174,53 +159,9 @@ def make_ema(config, parameters):
     return EMAModel(parameters, decay=ema.decay, use_ema_warmup=ema.warmup) if ema.enabled else None
 
 
-class Clock:
-    """How far a run has come, as a fraction: the larger of steps done / total_steps and, under a time budget
-    (`train.max_minutes`), seconds spent / budget. The learning-rate schedule follows it, so a time budget
-    anneals to zero on any machine, however fast. `spent_s` is part of the resume state: a resumed run
-    continues its budget instead of starting a new one, and the learning curves' minutes leave out the time a
-    run lay stopped."""
-
-    def __init__(self, total_steps, budget_minutes=None):
-        self.total_steps, self.budget_s = total_steps, budget_minutes * 60 if budget_minutes else None
-        self.step, self.spent_s, self._origin = 0, 0.0, time.perf_counter()
-
-    def start(self, step=0, spent_s=0.0):
-        self.step, self.spent_s = step, spent_s
-        self._origin = time.perf_counter() - spent_s
-
-    def tick(self, step, device):
-        """After optimizer step `step`; under data parallel the main process's time holds for all, so every
-        process applies the same learning rate and stops at the same step."""
-        self.step = step
-        self.spent_s = time.perf_counter() - self._origin
-        if self.budget_s and parallel.world_size() > 1:
-            # a device tensor read back is a host sync: only where other processes must agree
-            self.spent_s = float(parallel.broadcast(torch.tensor(self.spent_s, device=device)))
-
-    @property
-    def fraction(self):
-        by_time = self.spent_s / self.budget_s if self.budget_s else 0.0
-        return min(1.0, max(self.step / self.total_steps, by_time))
-
-    @property
-    def out_of_time(self):
-        return bool(self.budget_s) and self.spent_s >= self.budget_s
-
-    def ends_within(self, steps, seconds):
-        """Whether the step count or the time budget ends the run within `steps` more steps or `seconds` more."""
-        return self.total_steps - self.step < steps or (bool(self.budget_s) and self.budget_s - self.spent_s < seconds)
-
-
-def lr_schedule(config, optimizer, clock):
-    """A linear warm-up over train.warmup_steps, then constant or a cosine to zero over the clock's fraction
-    (diffusers' get_scheduler counts steps only; a CPU run under a time budget does not know its step count)."""
-    tc = config.train
-
-    def factor(step):
-        warm = min(1.0, step / tc.warmup_steps) if tc.warmup_steps else 1.0
-        return warm if tc.lr_schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * clock.fraction))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def make_lr_schedule(config, optimizer, clock):
+    """The learning rate over the run (lab.schedules.lr_factor, following `clock`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedules.lr_factor(config.train, clock, step))
 
 
 @dataclass
@@ -230,7 +171,7 @@ class Optimisation:
     ema: object             # diffusers EMAModel, or None
     wrapped: torch.nn.Module  # DistributedDataParallel over the model under data parallel, else the model
     forward: object         # what the loss calls: `wrapped`, compiled when the config says so
-    clock: Clock
+    clock: schedules.Clock
 
 
 def optimisation(config, unet, device, total_steps):
@@ -242,9 +183,9 @@ def optimisation(config, unet, device, total_steps):
     tc = config.train
     # fused: one kernel for all parameters, on GPU and CPU (on 2 CPU cores the per-tensor loop cost 4% of a step)
     optimizer = make_optimizer(config, unet.parameters(), fused=fast or device.type == "cpu" or None)
-    clock = Clock(total_steps, tc.max_minutes)
+    clock = schedules.Clock(total_steps, tc.max_minutes)
     wrapped = parallel.wrap(unet, device)
     # state_dicts stay on `unet`: no _orig_mod. prefix
     forward = torch.compile(wrapped) if compiles(config, device) else wrapped
-    return Optimisation(optimizer, lr_schedule(config, optimizer, clock), make_ema(config, unet.parameters()),
+    return Optimisation(optimizer, make_lr_schedule(config, optimizer, clock), make_ema(config, unet.parameters()),
                         wrapped, forward, clock)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lab.report import DEFAULT_METRIC, label_columns
+from lab.tables import DEFAULT_METRIC, label_columns
 
 
 def write_charts(runs, table, out_dir, metric=DEFAULT_METRIC):

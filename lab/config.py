@@ -4,33 +4,29 @@
 
 Nested keys deep-merge, lists are replaced. The merged result is checked against `ExperimentConfig`;
 an unknown key, a wrong type, an out-of-range value or a config that cannot be built is one line naming
-the dotted key and the file that set it. `check_inputs` then checks what the config points at (tracking
-store, data root, evaluator, run folder). Nothing here loads torch (`--dry-run` runs all of it) except
-asking diffusers about `model.overrides` and loading a named evaluator.
+the dotted key and the file that set it. What the config points at (the tracking store, the data root, an
+evaluator, the run folder) is checked by lab/checks.py, before a run and in a dry run alike. Nothing here
+loads torch.
 """
+import hashlib
+import json
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, Optional
-from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, WrapValidator, field_validator
 
 from lab.errors import UserError
-from lab.unets import attention_problem, size_problem
-
-# The registries' names, as typed choices: model_json_schema() lists them, and checking a config needs no
-# torch. tests/test_config.py keeps each equal to its registry (lab.model_zoo, lab.diffusion, lab.sampling).
-UNET_NAMES = ("reference", "small", "cpu", "tiny")
-CONDITIONING_NAMES = ("time_add", "adagn", "cross_attn", "concat")
-BETA_SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
-PREDICTION_TYPE_NAMES = ("epsilon", "v_prediction")
-LOSS_WEIGHTING_NAMES = ("uniform", "min_snr")
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmsolver++")
-CFG_NULL_NAMES = ("learned", "count")
+from lab.stores import tracking_uri_problem
+from lab.model_zoo import CFG_NULLS, CONDITIONING, UNETS, attention_problem, size_problem
+from lab.schedules import BETA_SCHEDULES, LOSS_WEIGHTINGS, PREDICTION_TYPES, SAMPLERS, sampler_steps_problem
 
 
-def choice(names):
-    """A registry name: a Literal of `names`; anything else fails listing them."""
+def choice(registry):
+    """A name of `registry` (a dict or tuple of names): a Literal of its names, so that model_json_schema() lists
+    them; anything else fails listing them."""
+    names = tuple(registry)
+
     def check(value, handler):
         try:
             return handler(value)
@@ -40,7 +36,24 @@ def choice(names):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no setting: .inf guidance drew non-finite samples
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            try:
+                seen.add(key)
+            except TypeError:  # an unhashable key: YAML's own constructor says so
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def plain_name(name):
@@ -60,24 +73,15 @@ def inside_root(path):
     return path
 
 
-# The schemes of MLflow's tracking stores (mlflow.tracking._tracking_service.utils); '' is a local folder.
-TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
-                    "databricks-uc", "uc")
-
-
-def tracking_uri_problem(uri):
-    """Why MLflow could not open `uri` as a store, or None: checked before anything starts."""
-    scheme = urlparse(uri).scheme.partition("+")[0]  # postgresql+psycopg2://...: a database and its driver
-    if scheme not in TRACKING_SCHEMES:
-        return f"unknown scheme {scheme!r} in {uri!r}; MLflow stores use {', '.join(filter(None, TRACKING_SCHEMES))} or a folder"
-    return None
-
-
 def _tracking_uri(uri):
     problem = uri and tracking_uri_problem(uri)
     if problem:
         raise ValueError(problem)
     return uri
+
+
+# Validation metrics that can choose best.pt (eval.select_by) and score a sweep's trials (sweep.metric).
+SELECTION_METRICS = ("val_accuracy", "val_exact_accuracy")
 
 
 class DataConfig(Section):
@@ -92,21 +96,21 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    unet: choice(UNET_NAMES) = "reference"  # lab.unets.UNETS
-    conditioning: choice(CONDITIONING_NAMES) = "time_add"  # lab.model_zoo.CONDITIONING
+    unet: choice(UNETS) = "reference"
+    conditioning: choice(CONDITIONING) = "time_add"
     overrides: dict = {}                 # extra diffusers UNet kwargs (e.g. block_out_channels)
     patch_size: int = Field(1, ge=1, le=16)  # the UNet works on p x p pixel patches (3p^2 channels at size/p)
     width: float = Field(1.0, gt=0, le=8)  # channels x width (the UNet axis at any scale: 0.5 smaller, 1.5 wider)
     attention_resolutions: Optional[list[int]] = None  # UNet feature-map sizes with self-attention; null: the variant's
     cfg_dropout: float = Field(0.0, ge=0, lt=1)  # label dropout to the learned null condition (CFG)
-    cfg_null: choice(CFG_NULL_NAMES) = "learned"  # count: the null also knows how many labels were asked for
+    cfg_null: choice(CFG_NULLS) = "learned"  # count: the null also knows how many labels were asked for
 
 
 class DiffusionConfig(Section):
-    beta_schedule: choice(BETA_SCHEDULE_NAMES) = "cosine"  # lab.diffusion.BETA_SCHEDULES
+    beta_schedule: choice(BETA_SCHEDULES) = "cosine"
     num_train_timesteps: int = Field(1000, ge=2, le=10000)
-    prediction_type: choice(PREDICTION_TYPE_NAMES) = "epsilon"
-    loss_weighting: choice(LOSS_WEIGHTING_NAMES) = "uniform"  # min_snr: Min-SNR-gamma weighting of the timesteps
+    prediction_type: choice(PREDICTION_TYPES) = "epsilon"
+    loss_weighting: choice(LOSS_WEIGHTINGS) = "uniform"  # min_snr: Min-SNR-gamma weighting of the timesteps
     snr_gamma: float = Field(5.0, gt=0)  # min_snr's cap
 
 
@@ -147,16 +151,17 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     every_epochs: int = Field(5, ge=1)   # validation sampling + evaluator score
     split: str = "val.json"              # label sets for model selection (never the test sets)
-    sampler: choice(SAMPLER_NAMES) = "ddim"  # lab.sampling.SAMPLERS
+    sampler: choice(SAMPLERS) = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0, le=1)
-    guidance_scale: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(1.0, ge=0, le=100)  # beyond it samples overflow; useful scales are 1-10
     batch_size: int = Field(64, ge=1)
     evaluator: Optional[str] = None      # the course's checkpoint.pth; null = ours for the data root
     test_splits: list[str] = ["test.json", "new_test.json"]
     heldout_split: Optional[str] = "heldout_test.json"  # scored at the end too where the root has it (synthetic
                                          # roots do): label pairs never seen together in training
-    val_seeds: int = Field(3, ge=1)      # sampling seeds per validation; their mean accuracy selects best.pt
+    val_seeds: int = Field(3, ge=1)      # sampling seeds per validation; their mean of `select_by` selects best.pt
+    select_by: Literal[SELECTION_METRICS] = "val_accuracy"  # the course's rule; val_exact_accuracy: the strict judge's
     final_seeds: int = Field(1, ge=1)    # sampling seeds for the final test scores (mean ± std)
     check_split = field_validator("split", "heldout_split")(inside_root)
 
@@ -174,7 +179,7 @@ class EvalConfig(Section):
 
 
 class ExperimentConfig(Section):
-    experiment: str = "ddpm-lab"         # MLflow experiment name
+    experiment: str = Field("ddpm-lab", min_length=1)  # MLflow experiment name
     run_name: Optional[str] = None       # default: the config file's stem
     preset: str = "base"                 # the scale (base, quickstart, cpu): ablations inherit it; tables never mix two
     ablation: str = "base"               # the axis this file varies (a tag for compare.py)
@@ -189,12 +194,20 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     check_run_name = field_validator("run_name")(plain_name)
     check_tracking_uri = field_validator("tracking_uri")(_tracking_uri)
+    # Where each dotted key was set (a file or --set) and the file to name otherwise: errors found later about
+    # what the config points at (lab/checks.py) name the file a user must edit.
+    _origin: dict = PrivateAttr(default_factory=dict)
+    _default_source: str = PrivateAttr("")
+
+    def source_of(self, dotted):
+        """The file (or --set) that set `dotted` or the section holding it."""
+        return _source(dotted, self._origin, self._default_source)
 
 
 def cross_checks(config):
     """(dotted key, problem) for a config that cannot be built: a patch size or image size the UNet cannot
-    halve enough, attention at a size the UNet does not have, UNet overrides diffusers rejects (asked of
-    diffusers itself, only when there are overrides)."""
+    halve enough, attention at a size the UNet does not have, more sampler steps than training timesteps. UNet
+    overrides are asked of diffusers itself (lab/checks.py)."""
     model = config.model
     if config.data.image_size % model.patch_size:
         return [("model.patch_size", f"{model.patch_size} does not divide data.image_size {config.data.image_size}")]
@@ -205,10 +218,9 @@ def cross_checks(config):
                                 model.overrides)
     if problem:
         return [("model.attention_resolutions", problem)]
-    if model.overrides:
-        from lab.build import unet_problem  # torch and diffusers load only for overrides
-        problem = unet_problem(config)
-        return [("model.overrides", problem)] if problem else []
+    problem = sampler_steps_problem(config.eval.sampler, config.eval.steps, config.diffusion.num_train_timesteps)
+    if problem:
+        return [("eval.steps", problem)]
     return []
 
 
@@ -217,7 +229,7 @@ def read_yaml(path):
     if not path.is_file():
         raise UserError(path, "config file not found")
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # SafeLoader's: no Python objects
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(path, f"not a readable YAML text file ({getattr(e, 'strerror', None) or e})") from None
     except yaml.YAMLError as e:
@@ -225,7 +237,7 @@ def read_yaml(path):
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise UserError(path, f"malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if content is None:
-        return {}
+        raise UserError(path, "empty config file (a config names at least its base or one key)")
     if not isinstance(content, dict):
         raise UserError(path, "expected a mapping of config keys at the top level")
     return content
@@ -306,6 +318,7 @@ def validate(raw, origin, default_source):
         raise UserError(_source(dotted, origin, default_source), f"{dotted}: {message}") from None
     for dotted, message in cross_checks(config):
         raise UserError(_source(dotted, origin, default_source), f"{dotted}: {message}")
+    config._origin, config._default_source = origin, str(default_source)
     return config
 
 
@@ -337,29 +350,6 @@ def load_config(path, overrides=(), base=None):
     return validate(raw, origin, Path(path))
 
 
-def check_inputs(config):
-    """What a run refuses before it loads any data, checked without loading or rendering it (--dry-run runs
-    this too): the tracking store, a data root the config names and its label-set files, a given evaluator,
-    the run folder."""
-    from lab.data import is_synthetic, resolve_root
-    from lab.tracking import check_reachable, resolve_uri  # MLflow, not torch
-    check_reachable(resolve_uri(config.tracking_uri), "tracking_uri" if config.tracking_uri else "MLFLOW_TRACKING_URI")
-    if not is_synthetic(config.data.root):  # the synthetic default is rendered on first use
-        check_split_files(resolve_root(config.data.root), config)
-    if config.eval.evaluator:
-        from lab.eval import load_evaluator
-        load_evaluator(config.eval.evaluator)
-    for folder in (Path(config.output_dir), Path(config.output_dir) / config.run_name):
-        if folder.exists() and not folder.is_dir():
-            raise UserError(folder, "is not a folder (output_dir / run_name: the run's checkpoints go there)")
-
-
-def check_split_files(root, config):
-    for name in [config.eval.split, *config.eval.test_splits]:
-        if not (root / name).is_file():
-            raise UserError(root / name, "label-set file not found (eval.split / eval.test_splits)")
-
-
 # Keys that change how a trained model is sampled and scored, not how it trains; and the run's bookkeeping.
 SAMPLING_KEYS = {"eval.sampler", "eval.steps", "eval.eta", "eval.guidance_scale", "eval.batch_size", "eval.val_seeds",
                  "eval.final_seeds", "eval.test_splits", "eval.heldout_split"}
@@ -369,8 +359,6 @@ BOOKKEEPING_KEYS = {"experiment", "run_name", "preset", "ablation", "seeds", "tr
 def training_key(config):
     """A digest of everything that decides what a run trains (seed included): two configs with the same key
     differ only in sampling, scoring or bookkeeping, so one training serves both (lab/trainer.py, rescore)."""
-    import hashlib
-    import json
     kept = {k: v for k, v in flatten(config).items() if k not in SAMPLING_KEYS | BOOKKEEPING_KEYS}
     return hashlib.blake2b(json.dumps(kept, sort_keys=True).encode(), digest_size=8).hexdigest()
 

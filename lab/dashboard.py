@@ -7,7 +7,11 @@ driver for `postgresql://`, journal files by path), then serves it with optuna-d
 import argparse
 import sys
 
+from optuna_dashboard import run_server
+
 from lab.errors import reports_user_errors
+from lab.stores import display_storage
+from lab.sweeps.storage import make_storage
 
 
 @reports_user_errors
@@ -19,9 +23,6 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s (this machine only)")
     parser.add_argument("--port", type=int, default=8080, help="default: %(default)s")
     args = parser.parse_args(argv)
-    from optuna_dashboard import run_server
-
-    from lab.sweeps.storage import display_storage, make_storage
     storage = make_storage(args.storage, where="storage")
     print(f"optuna-dashboard on {display_storage(args.storage)}: http://{args.host}:{args.port}", flush=True)
     try:

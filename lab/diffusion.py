@@ -1,32 +1,16 @@
-"""The diffusion objective (EDM's `loss.py`): the noise schedule, what the model predicts, how timesteps
-are weighted, and the loss. Everything is a diffusers scheduler.
+"""The diffusion objective (EDM's `loss.py`): what the model predicts, how timesteps are weighted, and the
+loss, over a training noise scheduler from lab/schedules.py.
 
-    train = make_noise_scheduler("cosine", prediction_type="v_prediction")
+    train = make_noise_scheduler("cosine", prediction_type="v_prediction")       # lab.schedules
     per_sample, t = diffusion_loss(model, train, x0, labels, generator, cfg_dropout=0.1)
     loss = (per_sample * loss_weights(train, t, "min_snr")).mean()
 """
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from lab.errors import choose
-
-# Our names -> diffusers' beta_schedule names. Diffusers' defaults stay: beta_start 1e-4, beta_end 0.02
-# (used by linear, scaled_linear and sigmoid; the cosine schedule has no such knobs).
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear",
-                  "sigmoid": "sigmoid"}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-
-
-def make_noise_scheduler(beta_schedule: str = "cosine", num_train_timesteps: int = 1000,
-                         prediction_type: str = "epsilon") -> DDPMScheduler:
-    """The training noise scheduler (add_noise, get_velocity); also the source of the samplers' betas."""
-    choose("beta_schedule", "beta schedule", beta_schedule, BETA_SCHEDULES)
-    choose("prediction_type", "prediction type", prediction_type, PREDICTION_TYPES)
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule],
-                         prediction_type=prediction_type)
+from lab.schedules import LOSS_WEIGHTINGS, PREDICTION_TYPES
 
 
 def training_target(scheduler, x0, noise, t):

@@ -1,30 +1,33 @@
-"""The i-CLEVR evaluator, compatible with the course's: ResNet18 multi-label classifier and its accuracy.
+"""The judges of generated images: the i-CLEVR evaluator, compatible with the course's (a ResNet18 multi-label
+classifier and the course's top-k rule), and the strict judge (a count head on the same network that says how
+many objects of each label an image holds, so that a scene is judged exact only when it holds the asked
+objects, each once, and nothing else).
 
 The course's checkpoint is `{'model': resnet18.state_dict()}` with `fc = Sequential(Linear(512, 24),
-Sigmoid())`, fed (B, 3, 64, 64) images in [-1, 1]; a user's real `checkpoint.pth` drops in by path.
-For the synthetic default we train our own in the same format, once, and cache it (the recipe is in
-`lab/evaluator_training.py`).
+Sigmoid())`, fed (B, 3, 64, 64) images in [-1, 1]; a user's real `checkpoint.pth` drops in by path. Ours keeps
+that format and puts the count head beside it under `counts`, which the course's loader never reads. We train
+ours once per data root and cache it (lab/evaluator_training.py trains it, lab/evaluator_cache.py keeps it;
+`python -m lab.eval` is their command line, lab/evaluator_cli.py).
+
+    judged = judge_samples(images, labels, evaluator, strict_judge)   # a Judgement
+    judged.metrics("val_")    # val_accuracy (the course's rule), val_exact_accuracy, val_extra_objects, ...
 """
-import argparse
-import atexit
-import hashlib
-import json
-import multiprocessing
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lab.checkpoints import atomic_save, safe_load, write_atomic
-from lab.data.iclevr import default_cache_dir
-from lab.errors import UserError, reports_user_errors
+from lab.checkpoints import atomic_save, safe_load
+from lab.errors import UserError
 
 EVALUATOR_SIZE = 64  # the evaluator reads 64x64 images whatever size the model draws
+COUNT_CLASSES = 4  # the strict judge's answer per label: 0, 1, 2, or 3 and more objects
 
 
 def build_resnet(num_labels=24):
@@ -33,15 +36,46 @@ def build_resnet(num_labels=24):
     return model
 
 
+class CountHead(nn.Module):
+    """The strict judge: logits over COUNT_CLASSES for every label, from layer4's map (512 x 2 x 2 at the 64x64
+    input) whole and pooled. The pooled vector alone, as the labels' head reads it, lost a second object of one
+    kind in a third of held-out scenes (docs/evaluator.md): where the objects lie tells them apart."""
+
+    def __init__(self, num_labels=24, hidden=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(512 * 5, hidden), nn.ReLU(), nn.Linear(hidden, num_labels * COUNT_CLASSES))
+
+    def forward(self, layer4_map):
+        """(B, 512, h, w) -> (B, num_labels, COUNT_CLASSES) logits."""
+        cells = F.adaptive_avg_pool2d(layer4_map, 2).flatten(1)
+        return self.mlp(torch.cat([layer4_map.mean((2, 3)), cells], 1)).unflatten(1, (-1, COUNT_CLASSES))
+
+
+def build_count_head(num_labels=24):
+    return CountHead(num_labels)
+
+
+def course_hits(probs, labels):
+    """Per image, how many of its true labels are among its top-k predictions (k = its number of true labels)."""
+    return torch.tensor([int(y[p.topk(int(y.sum().item())).indices].sum().item()) for p, y in zip(probs, labels)])
+
+
 def course_accuracy(probs, labels):
     """The course's rule: per image take the top-k predictions (k = number of true labels) and count
     those that are true; divide the total by the number of true labels."""
-    hits = total = 0
-    for p, y in zip(probs, labels):
-        k = int(y.sum().item())
-        total += k
-        hits += int(y[p.topk(k).indices].sum().item())
-    return hits / max(total, 1)
+    return int(course_hits(probs, labels).sum()) / max(int(labels.sum().item()), 1)
+
+
+VERDICTS = ("exact", "extra", "missing")
+
+
+def scene_verdicts(counts, labels):
+    """Per image, from the strict judge's counts (B, num_labels) and the asked multi-hot labels: `extra` when it
+    holds an object nobody asked for (a second of an asked one counts), `missing` when an asked object is absent,
+    `exact` when neither: every asked object once and nothing else. Bool tensors (B,)."""
+    asked = labels.round().long().to(counts.device)
+    extra, missing = (counts > asked).any(1), (counts < asked).any(1)
+    return {"exact": ~extra & ~missing, "extra": extra, "missing": missing}
 
 
 def predicted_sets(probs, labels):
@@ -88,53 +122,135 @@ def binding_errors(probs, labels, label_names):
 
 
 class Evaluator:
-    """A loaded evaluator on a device: probabilities, penultimate features and the course accuracy."""
+    """A loaded evaluator on a device: label probabilities, penultimate features and, when it has a count head
+    (`strict`), how many objects of each label an image holds."""
 
-    def __init__(self, model, device="cpu", batch_size=256):
+    def __init__(self, model, device="cpu", batch_size=256, count_head=None):
         self.model = model.to(device).eval()
+        self.count_head = None if count_head is None else count_head.to(device).eval()
         self.device, self.batch_size = device, batch_size
+        self.body = nn.Sequential(*list(self.model.children())[:-2])  # up to layer4's map
+
+    @property
+    def strict(self):
+        return self.count_head is not None
 
     @torch.no_grad()
-    def _run(self, images, features):
-        out = []
+    def assess(self, images):
+        """images (B, 3, 64, 64) in [-1, 1] -> (probabilities (B, num_labels), features (B, 512), counts (B,
+        num_labels) or None without a count head), in one pass."""
+        probs, features, counts = [], [], []
         for chunk in images.split(self.batch_size):
-            x = chunk.to(self.device, torch.float32)
-            if features:
-                body = nn.Sequential(*list(self.model.children())[:-1])  # up to the pooled 512-d vector
-                out.append(body(x).flatten(1).cpu())
-            else:
-                out.append(self.model(x).cpu())
-        return torch.cat(out)
+            layer4 = self.body(chunk.to(self.device, torch.float32))
+            pooled = self.model.avgpool(layer4).flatten(1)
+            features.append(pooled.cpu())
+            probs.append(self.model.fc(pooled).cpu())
+            if self.count_head is not None:
+                counts.append(self.count_head(layer4).argmax(2).cpu())
+        return torch.cat(probs), torch.cat(features), torch.cat(counts) if counts else None
 
     def predict(self, images):
         """images (B, 3, 64, 64) in [-1, 1] -> label probabilities (B, num_labels)."""
-        return self._run(images, features=False)
+        return self.assess(images)[0]
 
     def features(self, images):
-        return self._run(images, features=True)
+        return self.assess(images)[1]
+
+    def counts(self, images):
+        """How many objects of each label (B, num_labels), 3 meaning 3 or more; needs a count head."""
+        if self.count_head is None:
+            raise ValueError("this evaluator has no count head (not a strict judge)")
+        return self.assess(images)[2]
 
     def accuracy(self, images, labels):
         return course_accuracy(self.predict(images), labels.cpu())
 
 
+@dataclass
+class Judgement:
+    """What the judges say of generated images for the label sets they were asked for."""
+    probs: torch.Tensor      # the course-rule evaluator's probabilities
+    accuracy: float          # the course's rule, non-finite images counted as misses
+    verdicts: dict | None    # the strict judge's per image (scene_verdicts), None without one
+    finite: torch.Tensor     # (B,) bool: images without a non-finite pixel
+    features: torch.Tensor   # the course-rule evaluator's features of the finite images
+
+    def metrics(self, prefix=""):
+        """`<prefix>accuracy`, and with a strict judge `<prefix>exact_accuracy` (share of images holding exactly
+        the asked objects), `<prefix>extra_objects` (share with any object not asked, duplicates counted) and
+        `<prefix>missing_objects` (share with an asked object absent)."""
+        out = {f"{prefix}accuracy": self.accuracy}
+        if self.verdicts is not None:
+            out.update({f"{prefix}exact_accuracy": float(self.verdicts["exact"].float().mean()),
+                        f"{prefix}extra_objects": float(self.verdicts["extra"].float().mean()),
+                        f"{prefix}missing_objects": float(self.verdicts["missing"].float().mean())})
+        return out
+
+
+def judge_samples(images, labels, evaluator, strict_judge=None):
+    """Judge samples in [-1, 1] at any size, asked for multi-hot `labels`: the course's rule from `evaluator`, the
+    verdicts from `strict_judge` (None: no strict figures). An image with a non-finite pixel is a miss on every
+    rule: no label found, every asked object missing."""
+    labels = labels.cpu()
+    finite = images.flatten(1).isfinite().all(1).cpu()
+    x = for_evaluator(images.nan_to_num(0.0))
+    probs, features, counts = evaluator.assess(x)
+    if strict_judge is not None and strict_judge is not evaluator:
+        counts = strict_judge.counts(x)
+    hits = course_hits(probs, labels) * finite
+    verdicts = None
+    if strict_judge is not None:
+        verdicts = scene_verdicts(counts, labels)
+        verdicts = {"exact": verdicts["exact"] & finite, "extra": verdicts["extra"] & finite,
+                    "missing": verdicts["missing"] | ~finite}
+    return Judgement(probs=probs, accuracy=int(hits.sum()) / max(int(labels.sum()), 1), verdicts=verdicts,
+                     finite=finite, features=features[finite])
+
+
+def over_seeds(judgements, prefix=""):
+    """The metrics of several sampling seeds' Judgements of one label-set file: each metric's mean over the seeds
+    and its spread (`_std`)."""
+    per_seed = [judged.metrics(prefix) for judged in judgements]
+    out = {}
+    for key in per_seed[0]:
+        values = [metrics[key] for metrics in per_seed]
+        out[key], out[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+def nonfinite(judgements):
+    """How many of the judged images had a non-finite pixel (counted as misses)."""
+    return sum(int((~judged.finite).sum()) for judged in judgements)
+
+
 def load_evaluator(path, device="cpu", num_labels=24):
-    """A course-format checkpoint (`{'model': state_dict}`) -> Evaluator; bad files give one clear line."""
+    """A course-format checkpoint (`{'model': state_dict}`, and ours with `counts` beside it) -> Evaluator; bad
+    files give one clear line."""
     path = Path(path).expanduser()
     state = safe_load(path, "evaluator checkpoint")
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(path, "expected the course format {'model': resnet18 state_dict}")
-    model = build_resnet(num_labels)
+    model, count_head = build_resnet(num_labels), None
+    _load_weights(model, state["model"], path, f"resnet18 with a {num_labels}-label head")
+    if state.get("counts") is not None:
+        count_head = build_count_head(num_labels)
+        _load_weights(count_head, state["counts"], path, "the strict judge's count head")
+    return Evaluator(model, device, count_head=count_head)
+
+
+def _load_weights(module, weights, path, what):
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(path, f"weights do not fit resnet18 with a {num_labels}-label head: "
-                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-    return Evaluator(model, device)
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        lines = str(e).splitlines()
+        raise UserError(path, f"weights do not fit {what}: {lines[1].strip() if len(lines) > 1 else e}") from None
 
 
-def save_evaluator(model, path):
-    """The course format, {'model': state_dict}, written atomically."""
-    atomic_save({"model": model.state_dict()}, path)
+def save_evaluator(model, path, count_head=None):
+    """The course format, {'model': state_dict}, written atomically; the strict judge's count head, when there is
+    one, beside it under `counts` (the course's loader reads `model` only)."""
+    atomic_save({"model": model.state_dict(),
+                 **({"counts": count_head.state_dict()} if count_head is not None else {})}, path)
 
 
 def resize(images, size):
@@ -149,195 +265,6 @@ def for_evaluator(images):
     return resize(images, EVALUATOR_SIZE).clamp(-1, 1)
 
 
-def default_evaluator_path(root):
-    """Where the evaluator trained on `root` is cached: keyed by the root's label files and the recipe."""
-    from lab.evaluator_training import recipe_digest
-    digest = hashlib.blake2b(recipe_digest().encode(), digest_size=8)
-    for name in ("train.json", "objects.json", "synthetic.json"):
-        if (Path(root) / name).is_file():
-            digest.update((Path(root) / name).read_bytes())
-    return default_cache_dir() / "evaluator" / f"evaluator-{digest.hexdigest()}.pth"
-
-
-def ensure_evaluator(root, checkpoint=None, device="cpu", tracking_uri=None, beside=False):
-    """The evaluator to use: the given checkpoint, or ours trained on `root` once and then reused. Its
-    training is an MLflow run of the `evaluator` experiment in `tracking_uri` (None: the default store).
-    beside: when ours must be trained on a CPU with 2 threads or more, train it in a child process on
-    half of them and return at once (an EvaluatorInTraining), so that the caller goes on with the rest."""
-    if checkpoint:
-        return load_evaluator(checkpoint, device)
-    path = default_evaluator_path(root)
-    if path.is_file():
-        try:
-            return load_evaluator(path, device)
-        except UserError as e:  # a cache damaged by a crash or a full disk: train it again
-            print(f"notice: {e}; training it again", file=sys.stderr, flush=True)
-    if path in _training_beside and _training_beside[path].process.is_alive():
-        return _training_beside[path]  # a failed run's (a sweep's earlier trial): not a second one
-    print(f"Training the evaluator on {root} (once; cached at {path})", flush=True)
-    if beside and torch.device(device).type == "cpu" and torch.get_num_threads() >= 2:
-        _training_beside[path] = EvaluatorInTraining(root, path, device, tracking_uri)
-        return _training_beside[path]
-    from lab.evaluator_training import summary_lines
-    print("\n".join(summary_lines(train_and_check(root, path, device, tracking_uri, scenes=300))), flush=True)
-    return load_evaluator(path, device)
-
-
-_training_beside = {}  # checkpoint path -> its EvaluatorInTraining, in this process
-
-
-class EvaluatorInTraining:
-    """Our evaluator while it trains in a child process on half of this process's CPU threads; this process
-    goes on with the other half (the generator's first minutes) and gets them back when the child ends. On
-    2 cores one thread each does about 1.26x the work of two threads on one job after the other (README,
-    What make demo does). `ready` looks without waiting; scoring waits for the evaluator."""
-
-    def __init__(self, root, path, device, tracking_uri):
-        from lab.evaluator_training import RECIPE, extra_root
-        recipe = dict(RECIPE)
-        extra_root(root, recipe)  # rendered here, on every core, before the threads are shared
-        self.path, self.device, self.evaluator = path, device, None
-        self.threads = torch.get_num_threads()
-        # spawn: a child forked after OpenMP has run can hang in its first parallel region
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_train_in_child, name="evaluator",
-            args=(str(root), str(path), device, tracking_uri, recipe, self.threads - self.threads // 2))
-        self.process.start()
-        torch.set_num_threads(self.threads // 2)
-        atexit.register(self.stop)  # a run that fails meanwhile does not leave it training
-
-    @property
-    def ready(self):
-        if self.evaluator is None and not self.process.is_alive():
-            self.wait()
-        return self.evaluator is not None
-
-    def wait(self):
-        """The trained Evaluator, once the child has written it."""
-        if self.evaluator is None:
-            self.process.join()
-            atexit.unregister(self.stop)
-            torch.set_num_threads(self.threads)
-            if self.process.exitcode != 0:
-                raise UserError(self.path, f"the evaluator's training failed (exit code {self.process.exitcode}; "
-                                           "its error is printed above)")
-            self.evaluator = load_evaluator(self.path, self.device)
-        return self.evaluator
-
-    def stop(self):
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join()
-
-    def predict(self, images):
-        return self.wait().predict(images)
-
-    def features(self, images):
-        return self.wait().features(images)
-
-    def accuracy(self, images, labels):
-        return self.wait().accuracy(images, labels)
-
-
-def evaluator_ready(evaluator):
-    """False while an EvaluatorInTraining still trains (the caller's threads come back when it ends)."""
-    return getattr(evaluator, "ready", True)
-
-
-def _train_in_child(root, path, device, tracking_uri, recipe, threads):
-    torch.set_num_threads(threads)
-    from lab.evaluator_training import summary_lines
-    results = train_and_check(root, path, device, tracking_uri, recipe, scenes=300, threads=threads)
-    print("\n".join(summary_lines(results)), flush=True)
-
-
-def train_and_check(root, out, device, tracking_uri=None, recipe=None, scenes=300, threads=None):
-    """Train our evaluator into `out` and score it on `scenes` fresh held-out scenes, as one MLflow run;
-    the figures also go to `out` with a .json suffix and to stdout. Returns the held-out results."""
-    from lab.evaluator_training import (RECIPE, heldout_check, metric_key, recipe_digest, train_evaluator,
-                                        training_set)
-    from lab.tracking import resolve_uri, start_evaluator_run
-    recipe = {**RECIPE, **(recipe or {})}
-    data = training_set(root, recipe)  # rendered and decoded once, before the clock starts
-    tracker = start_evaluator_run(resolve_uri(tracking_uri), recipe, {
-        "data_root": str(root), "checkpoint": str(out), "recipe_digest": recipe_digest(recipe)})
-    status = "FAILED"
-    try:
-        start = time.time()
-        train_evaluator(root, out, recipe=recipe, device=device, tracker=tracker, data=data)
-        seconds = time.time() - start
-        beside = f" on {threads} thread{'s' * (threads > 1)}, beside the generator's training" if threads else ""
-        print(f"evaluator trained in {seconds:.0f} s{beside} -> {out}", flush=True)
-        results = heldout_check(out, scenes=scenes, device=device)
-        report = {case: {"accuracy": r["accuracy"], "images": r["images"], "binding_errors": r["binding_errors"]}
-                  for case, r in results.items()}
-        record = {"train_seconds": round(seconds), "threads": torch.get_num_threads(), **report}
-        write_atomic(json.dumps(record, indent=1).encode(), Path(out).with_suffix(".json"))
-        tracker.log_metrics({"train_seconds": seconds, **{metric_key(case): r["accuracy"] for case, r in results.items()}},
-                            step=0)
-        tracker.log_artifact(Path(out).with_suffix(".json"))
-        status = "FINISHED"
-        return results
-    finally:
-        tracker.end(status)
-
-
-@reports_user_errors
-def main(argv=None):
-    from lab.data import resolve_root
-    from lab.evaluator_training import RECIPE, heldout_check, summary_lines
-    parser = argparse.ArgumentParser(prog="python -m lab.eval", description="train or check the evaluator")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train our evaluator on a root (default: the synthetic set) and check it")
-    train.add_argument("--root", default=None, help="data root (default: the synthetic i-CLEVR set)")
-    train.add_argument("--out", default=None, help="checkpoint path (default: the cache)")
-    train.add_argument("--phases", default=None, metavar="SIZE:IMAGES:LR,...",
-                       help="input size, images seen and peak learning rate per phase (default "
-                            + ",".join(":".join(map(str, phase)) for phase in RECIPE["phases"]) + ")")
-    train.add_argument("--tracking-uri", default=None,
-                       help="MLflow store for the training run (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes")
-    check.add_argument("checkpoint")
-    bench = sub.add_parser("bench", help="training images/s of the evaluator's step, layer4 as oneDNN's "
-                                         "convolution and as a matmul, side by side")
-    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 96])
-    bench.add_argument("--steps", type=int, default=60, help="timed steps per case, after 5 untimed")
-    for command in (train, check):
-        command.add_argument("--scenes", type=int, default=1000,
-                             help="held-out scenes of 3 objects (3 images each; a fifth as many of 5 objects)")
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.command == "bench":
-        from lab.evaluator_training import step_benchmark
-        table = step_benchmark(args.batch_sizes, args.steps, device=device)
-        print(f"evaluator training step, {torch.get_num_threads()} threads on {device}:")
-        print(table.to_string(index=False, float_format="%.2f"))
-        return 0
-    if args.command == "train":
-        recipe = {"phases": parse_phases(args.phases)} if args.phases else None
-        root = resolve_root(args.root)
-        out = Path(args.out) if args.out else default_evaluator_path(root)
-        results = train_and_check(root, out, device, args.tracking_uri, recipe, scenes=args.scenes)
-    else:
-        results = heldout_check(args.checkpoint, scenes=args.scenes, device=device)
-    worst = min(results, key=lambda case: results[case]["accuracy"])
-    print(f"per label, {worst}:")
-    print(results[worst]["per_label"].to_string(index=False, float_format="%.3f"))
-    print("\n".join(summary_lines(results)))
-    return 0
-
-
-def parse_phases(text):
-    """'32:90000:2e-3,64:20000:1e-3' -> [[32, 90000, 0.002], [64, 20000, 0.001]]"""
-    try:
-        phases = [[int(size), int(images), float(lr)] for size, images, lr in (part.split(":") for part in text.split(","))]
-    except ValueError:
-        phases = None
-    if not phases or any(size < 16 or images < 1 or not 0 < lr < 1 for size, images, lr in phases):
-        raise UserError("--phases", "expected SIZE:IMAGES:LR,... with sizes >= 16, images >= 1 and 0 < lr < 1, "
-                                    f"got {text!r}")
-    return phases
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m lab.eval`: the command line lives in lab/evaluator_cli.py
+    from lab.evaluator_cli import main
     sys.exit(main())

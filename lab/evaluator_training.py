@@ -17,21 +17,31 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
-from lab.build import fast_bf16
-from lab.data.iclevr import TrainingSet, load_train, normalize
-from lab.eval import (EVALUATOR_SIZE, binding_errors, build_resnet, course_accuracy, for_evaluator, resize,
-                      load_evaluator, per_label_report, save_evaluator)
+from lab.checkpoints import write_atomic
+from lab.data.iclevr import TrainingSet, load_train, multi_hot, normalize
+from lab.data.labels import label_indices, read_json
+from lab.data.synthetic import KINDS, default_root, label_maps, write_kinds_root, write_root
+from lab.eval import (COUNT_CLASSES, EVALUATOR_SIZE, VERDICTS, binding_errors, build_count_head, build_resnet,
+                      course_accuracy, for_evaluator, load_evaluator, per_label_report, resize, save_evaluator,
+                      scene_verdicts)
+from lab.hardware import fast_bf16
+from lab.stores import resolve_uri
+from lab.tracking import Tracker
 
 # Everything that decides what the evaluator learns. Its digest is part of the cache key, so an
 # evaluator trained with another recipe is never reused silently.
 RECIPE = {
-    "extra_scenes": 1500,       # synthetic scenes of `extra_objects` objects, one image per prefix
+    "extra_scenes": 2000,       # synthetic scenes of `extra_objects` objects, one image per prefix
     "extra_objects": 5,
+    "extra_repeats": 0.8,       # of them, scenes that repeat labels: what the count head learns to count
+    "count_weight": 2.0,        # weight of the count head's loss (roots whose scenes repeat labels only)
     # [input size, images seen, peak learning rate] per phase. One phase at the evaluator's 64x64: on 2 CPU
     # cores a 32x32 phase runs 2x faster but transfers badly (README, Evaluator: measured recipes).
     # Accuracy still grows with the images seen: about the most that fit in 4 minutes on 2 CPU cores. Batch 64:
@@ -54,10 +64,18 @@ RECIPE = {
 }
 EXTRA_SEED = 1_000  # the extra scenes' seed, apart from the generator's roots (0, ...) and the checks'
 HELDOUT_SEED = 10_001  # held-out scenes: a seed no training set uses
+STRICT_SEED = 20_001  # the strict judge's held-out scenes: another unused seed
 
 
 def recipe_digest(recipe=None):
     return hashlib.blake2b(json.dumps(recipe or RECIPE, sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+def teaches_counting(root, recipe=RECIPE):
+    """Whether our evaluator for `root` gets the strict judge's count head: on synthetic roots, whose extra
+    scenes repeat labels (a real root's scenes never do)."""
+    return (Path(root) / "synthetic.json").is_file() and bool(recipe["extra_scenes"] and recipe["extra_repeats"]
+                                                              and recipe["count_weight"])
 
 
 def extra_root(root, recipe):
@@ -65,14 +83,13 @@ def extra_root(root, recipe):
     root is used alone: synthetic scenes would teach another look)."""
     if not (Path(root) / "synthetic.json").is_file() or not recipe["extra_scenes"]:
         return None
-    from lab.data.synthetic import default_root
-    return default_root(seed=EXTRA_SEED, scenes=recipe["extra_scenes"], objects=recipe["extra_objects"])
+    return default_root(seed=EXTRA_SEED, scenes=recipe["extra_scenes"], objects=recipe["extra_objects"],
+                        repeats=recipe["extra_repeats"])
 
 
 def training_set(root, recipe):
     """The root's training images, plus the extra scenes of up to 5 objects when the root is synthetic, with
     their label maps when the recipe supervises layer2 densely (synthetic roots only: a real root has none)."""
-    from lab.data.synthetic import label_maps
     data, roots = load_train(root), [root]
     more = extra_root(root, recipe)
     if more is not None:
@@ -80,10 +97,10 @@ def training_set(root, recipe):
         if extra.label_names != data.label_names:
             raise ValueError("the extra scenes' labels differ from the root's")
         data = TrainingSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),
-                           data.names + extra.names, data.label_names)
+                           data.names + extra.names, data.label_names, counts=torch.cat([data.counts, extra.counts]))
         roots.append(more)
     if recipe["dense_weight"] and (maps := [label_maps(r) for r in roots])[0] is not None:
-        data.label_maps = torch.cat(maps)
+        data.label_maps = torch.from_numpy(np.concatenate(maps))
     return data
 
 
@@ -167,9 +184,9 @@ def _small_map_forward(conv):
 
 def training_modules(num_labels, device, small_maps=True):
     """The course's ResNet18 (channels_last) and the two halves the trainer runs: conv1 to layer2 (whose
-    features the dense head reads) and layer3 to fc's Linear (logits: a stable BCE; the saved model keeps
-    the course's Sigmoid). `small_maps`: layer4's 3x3 convolutions run as `_small_map_forward` (an instance
-    attribute: the saved weights are unchanged)."""
+    features the dense head reads) and layer3 to layer4's map (which the count head reads; pooled, fc's Linear
+    turns it into logits, a stable BCE, the saved model keeping the course's Sigmoid). `small_maps`: layer4's 3x3
+    convolutions run as `_small_map_forward` (an instance attribute: the saved weights are unchanged)."""
     model = build_resnet(num_labels).to(device).to(memory_format=torch.channels_last)
     children = list(model.children())[:-1]
     cut = children.index(model.layer2) + 1
@@ -177,13 +194,12 @@ def training_modules(num_labels, device, small_maps=True):
         for conv in [m for m in model.layer4.modules() if isinstance(m, nn.Conv2d)]:
             if conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1):
                 conv.forward = _small_map_forward(conv)
-    return model, nn.Sequential(*children[:cut]), nn.Sequential(*children[cut:], nn.Flatten(), model.fc[0])
+    return model, nn.Sequential(*children[:cut]), nn.Sequential(*children[cut:-1])
 
 
 def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
     """Training images/s of the evaluator's step (forward, BCE, backward, fused AdamW; bf16 where native) with
     layer4's convolutions as oneDNN runs them and as `_small_map_forward`, side by side, on random 64x64 input."""
-    import pandas as pd
     rows = []
     for batch_size in batch_sizes:
         x = torch.randn(batch_size, 3, EVALUATOR_SIZE, EVALUATOR_SIZE, device=device)
@@ -198,7 +214,7 @@ def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
                 if i == warmup:
                     start = time.perf_counter()
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device)):
-                    logits = upper(lower(x))
+                    logits = model.fc[0](upper(lower(x)).mean((2, 3)))
                 opt.zero_grad(set_to_none=True)
                 F.binary_cross_entropy_with_logits(logits.float(), target).backward()
                 opt.step()
@@ -225,16 +241,18 @@ def recalibrate_batchnorm(body, images, size, draw_sizes, generator, count, batc
 
 
 def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=None, data=None):
-    """Train the ResNet18 evaluator by `recipe` (default RECIPE) and save it in the course format. Each
-    phase has its own one-cycle learning rate; BatchNorm is recalibrated when the input size changes.
+    """Train the ResNet18 evaluator by `recipe` (default RECIPE) and save it in the course format, with the strict
+    judge's count head beside it when the training scenes repeat labels (synthetic roots: a real root's never
+    do, and a count head that never saw two of a kind would not be a judge of them). Each phase has its own
+    one-cycle learning rate; BatchNorm is recalibrated when the input size changes.
     `tracker` (a lab.tracking.Tracker) receives the loss, learning rate and images/s as they happen.
     `data`: `training_set(root, recipe)` when the caller already has it (so its rendering is not timed)."""
-    from tqdm import tqdm
     recipe = {**RECIPE, **(recipe or {})}
     torch.manual_seed(recipe["seed"])
     data = data if data is not None else training_set(root, recipe)
-    images, labels = data.images, data.labels
+    images, labels, counts = data.images, data.labels, data.counts.clamp(max=COUNT_CLASSES - 1).long()
     model, lower, upper = training_modules(labels.shape[1], device)
+    count_head = build_count_head(labels.shape[1]).to(device) if recipe["count_weight"] and counts.max() > 1 else None
     body = nn.Sequential(lower, upper)
     # Dense supervision: a 1x1 convolution on layer2 predicts how much of each cell every label covers, so that
     # small far objects teach the early layers directly. Trained alongside, never saved: the checkpoint stays
@@ -244,7 +262,8 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device))
     batch_size, draw_sizes = recipe["batch_size"], recipe["draw_sizes"]
     # fused: one kernel for all parameters (4% more images/s on 2 CPU cores than the per-tensor loop)
-    parameters = [*model.parameters(), *(dense_head.parameters() if dense_head is not None else ())]
+    parameters = [*model.parameters(), *(dense_head.parameters() if dense_head is not None else ()),
+                  *(count_head.parameters() if count_head is not None else ())]
     opt = torch.optim.AdamW(parameters, weight_decay=recipe["weight_decay"], fused=True)
     generator = torch.Generator(device).manual_seed(recipe["seed"])
     plan = [(size, math.ceil(count / batch_size), lr) for size, count, lr in recipe["phases"]]
@@ -269,8 +288,14 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
                 x, batch_maps = augment(x, generator, **how, maps=maps[idx].to(device))
             with autocast:
                 features = lower(x)
-                logits = upper(features)
+                layer4 = upper(features)
+                logits = model.fc[0](layer4.mean((2, 3)))
             per_image = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none").mean(1)
+            if count_head is not None:
+                with autocast:
+                    count_logits = count_head(layer4).float()
+                per_image = per_image + recipe["count_weight"] * F.cross_entropy(
+                    count_logits.transpose(1, 2), counts[idx].to(device), reduction="none").mean(1)
             loss = per_image.mean()
             if dense_head is not None:
                 with autocast:
@@ -294,7 +319,8 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
     bar.close()
     for conv in model.modules():
         conv.__dict__.pop("forward", None)
-    save_evaluator(model.cpu().to(memory_format=torch.contiguous_format), out)
+    save_evaluator(model.cpu().to(memory_format=torch.contiguous_format), out,
+                   None if count_head is None else count_head.cpu())
     return out
 
 
@@ -315,7 +341,6 @@ def _score(evaluator, images, labels, label_names):
 def heldout_check(checkpoint, scenes=1000, seed=HELDOUT_SEED, device="cpu"):
     """Score an evaluator on freshly rendered scenes it never saw (`scenes` of 3 objects, a fifth as
     many of 5 objects): see `score_heldout`."""
-    from lab.data.synthetic import write_root
     with tempfile.TemporaryDirectory() as tmp:
         roots = {objects: write_root(Path(tmp) / f"heldout{objects}", scenes=count, seed=seed + objects,
                                      objects=objects, progress=False)
@@ -340,13 +365,84 @@ def score_heldout(evaluator, root3, root5, cache_dir=None):
     return results
 
 
-def metric_key(case):
+# What each kind of held-out scene should be judged: exact, or which fault the judge should name.
+EXPECTED = {"correct": {"exact": True, "extra": False, "missing": False},
+            "duplicated": {"exact": False, "extra": True, "missing": False},
+            "extra": {"exact": False, "extra": True, "missing": False},
+            "missing": {"exact": False, "extra": False, "missing": True}}
+
+
+def strict_check(checkpoint, per_kind=250, seed=STRICT_SEED, device="cpu"):
+    """Score a strict judge on freshly rendered scenes of every kind (lab.data.synthetic.write_kinds_root): see
+    `score_kinds`. None when the checkpoint has no count head."""
+    evaluator = load_evaluator(checkpoint, device)
+    if not evaluator.strict:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return score_kinds(evaluator, write_kinds_root(Path(tmp) / "kinds", per_kind, seed, progress=False), tmp)
+
+
+def score_kinds(evaluator, root, cache_dir=None):
+    """{"<kind>, <resolution>": {right, named, images}} for each kind of scene, native at 64x64 and drawn at 32x32
+    then upsampled: `right`, the share whose exact-scene verdict is right (exact for correct scenes, not exact
+    for the others); `named`, the share judged exactly as expected (duplicated and extra: extra objects only;
+    missing: missing only; correct: exact)."""
+    asked_table, kinds = read_json(Path(root) / "asked.json"), read_json(Path(root) / "kinds.json")
+    results = {}
+    for size, resolution in ((64, "64x64"), (32, "32->64")):
+        data = load_train(root, image_size=size, cache_dir=cache_dir)
+        asked = multi_hot(label_indices([asked_table[n] for n in data.names], data.label_names, root / "asked.json"),
+                          len(data.label_names))
+        verdicts = scene_verdicts(evaluator.counts(for_evaluator(normalize(data.images))), asked)
+        for kind in KINDS:
+            rows = torch.tensor([kinds[n] == kind for n in data.names])
+            right = verdicts["exact"][rows] == EXPECTED[kind]["exact"]
+            named = torch.stack([verdicts[v][rows] == EXPECTED[kind][v] for v in VERDICTS]).all(0)
+            results[f"{kind}, {resolution}"] = {"right": float(right.float().mean()),
+                                                "named": float(named.float().mean()), "images": int(rows.sum())}
+    return results
+
+
+def metric_key(case, prefix="heldout"):
     """'1-3 objects, 32->64 PIL' -> 'heldout/1-3 objects 32 to 64 PIL' (characters MLflow accepts)"""
-    return "heldout/" + case.replace(",", "").replace("->", " to ")
+    return f"{prefix}/" + case.replace(",", "").replace("->", " to ")
 
 
-def summary_lines(results):
-    """One line per case: accuracy, image count and the binding errors of the misses."""
-    return [f"held-out accuracy {case}: {r['accuracy']:.4f} on {r['images']} fresh images "
-            f"(misses: {r['binding_errors']['wrong_colour']} wrong colour, {r['binding_errors']['wrong_shape']} "
-            f"wrong shape, {r['binding_errors']['both_wrong']} both)" for case, r in results.items()]
+def summary_lines(results, strict=None):
+    """One line per case: accuracy, image count and the binding errors of the misses; then one per kind of scene
+    for the strict judge."""
+    lines = [f"held-out accuracy {case}: {r['accuracy']:.4f} on {r['images']} fresh images "
+             f"(misses: {r['binding_errors']['wrong_colour']} wrong colour, {r['binding_errors']['wrong_shape']} "
+             f"wrong shape, {r['binding_errors']['both_wrong']} both)" for case, r in results.items()]
+    if strict is None:
+        return lines + ["strict judge: none (this evaluator has no count head)"]
+    return lines + [f"strict judge, {case}: exact-scene verdict right on {r['right']:.4f}, the fault named on "
+                    f"{r['named']:.4f} of {r['images']} fresh images" for case, r in strict.items()]
+
+
+def train_and_check(root, out, device, tracking_uri=None, recipe=None, scenes=300, threads=None):
+    """Train our evaluator into `out` and score it on `scenes` fresh held-out scenes (and its strict judge on as
+    many of each kind), as one MLflow run; the figures also go to `out` with a .json suffix. Returns (the
+    held-out results, the strict judge's or None)."""
+    recipe = {**RECIPE, **(recipe or {})}
+    data = training_set(root, recipe)  # rendered and decoded once, before the clock starts
+    tracker = Tracker(resolve_uri(tracking_uri))
+    with tracker.lifetime():
+        tracker.start_evaluator(recipe, {"data_root": str(root), "checkpoint": str(out),
+                                         "recipe_digest": recipe_digest(recipe)})
+        start = time.time()
+        train_evaluator(root, out, recipe=recipe, device=device, tracker=tracker, data=data)
+        seconds = time.time() - start
+        beside = f" on {threads} thread{'s' * (threads > 1)}, beside the generator's training" if threads else ""
+        print(f"evaluator trained in {seconds:.0f} s{beside} -> {out}", flush=True)
+        results = heldout_check(out, scenes=scenes, device=device)
+        strict = strict_check(out, per_kind=scenes, device=device)
+        report = {case: {"accuracy": r["accuracy"], "images": r["images"], "binding_errors": r["binding_errors"]}
+                  for case, r in results.items()}
+        record = {"train_seconds": round(seconds), "threads": torch.get_num_threads(), **report,
+                  "strict": strict}
+        write_atomic(json.dumps(record, indent=1).encode(), Path(out).with_suffix(".json"))
+        tracker.log_metrics({"train_seconds": seconds, **{metric_key(case): r["accuracy"] for case, r in results.items()},
+                             **{metric_key(case, "strict"): r["right"] for case, r in (strict or {}).items()}}, step=0)
+        tracker.log_artifact(Path(out).with_suffix(".json"))
+        return results, strict

@@ -6,14 +6,22 @@ its value is biased and moves with the sample count. KID (Bińkowski et al., "De
 0 in expectation for two samples of one distribution at any sample sizes, so 64 samples give a noisy
 but comparable figure.
 """
+import math
+
 import torch
 
 
+def _usable(a, b):
+    """Two feature sets a distance can be computed from: two samples or more each, every value finite."""
+    return min(len(a), len(b)) >= 2 and bool(a.isfinite().all()) and bool(b.isfinite().all())
+
+
 def kernel_distance(feats_a, feats_b):
-    """KID between two feature sets (n, d) and (m, d): the unbiased MMD² with k(x, y) = (x·y / d + 1)³."""
+    """KID between two feature sets (n, d) and (m, d): the unbiased MMD² with k(x, y) = (x·y / d + 1)³; NaN when
+    either side has fewer than two samples or a non-finite feature."""
     a, b = feats_a.double(), feats_b.double()
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("KID needs at least two samples on each side")
+    if not _usable(a, b):
+        return math.nan
     d = a.shape[1]
 
     def kernel(x, y):
@@ -26,8 +34,11 @@ def kernel_distance(feats_a, feats_b):
 
 
 def frechet_distance(feats_a, feats_b):
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula, our features)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula, our features); NaN when
+    either side has fewer than two samples or a non-finite feature."""
     a, b = feats_a.double(), feats_b.double()
+    if not _usable(a, b):
+        return math.nan
     mu = (a.mean(0) - b.mean(0)).square().sum()
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     # tr(sqrt(A B)) = sum of sqrt(eigenvalues of sqrt(A) B sqrt(A)), all symmetric PSD

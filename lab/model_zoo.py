@@ -1,187 +1,119 @@
-"""UNet variants x label-conditioning styles for conditional DDPMs on i-CLEVR (multi-hot labels, 24 classes).
+"""The model zoo: UNet variants x label-conditioning styles for conditional DDPMs on i-CLEVR (multi-hot labels,
+24 classes), as plain data, and `build_model`, which makes one.
 
-The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel); this module builds them from their kwargs
-(lab/unets.py) and adds the small label front-end each conditioning style needs. Every style has a learned NULL
-condition for classifier-free guidance, distinct from the empty label set (i-CLEVR has no empty scenes, but "no
-labels" is still a valid input and CFG must not confuse it with "unconditional").
+    model = build_model("small", "adagn")        # a lab.conditioning.ConditionalUNet around a diffusers UNet
 
-    model = build_model("small", "adagn")
-    eps = model(x, t, labels, drop=torch.rand(B) < p_uncond)     # training, with label dropout
-    eps = guided_prediction(model, x, t, labels, guidance_scale=2.0)  # sampling
+The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel), given as their kwargs; each conditioning style
+adds a small label front-end (lab/conditioning.py). Width and attention placement are config keys
+(`model.width`, `model.attention_resolutions`) rather than more variants, so the UNet ablations mean the same at
+every scale. Nothing here loads torch, so that a config is checked (`--dry-run`) against the zoo without it;
+torch and diffusers load when a model is built.
 """
-
-import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
-from torch import nn
+import importlib
 
 from lab.errors import UserError, choose
-from lab.unets import UNETS, size_problem, unet_kwargs
+
+# UNet2DModel kwargs per variant; sample_size comes from build_model(image_size=...). Resolutions in the comments
+# assume 64x64 input; every level but the last halves the resolution.
+UNETS = {
+    # The course reference (~114M params with time_add): attention only at 4x4 (+ the mid block's at 2x2).
+    "reference": dict(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    ),
+    # 4 levels 64->8, attention at 16x16 (+ mid at 8x8): a quick baseline.
+    "small": dict(
+        block_out_channels=(64, 128, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ),
+    # The CPU presets' UNet (4.4M params with time_add): 3 levels, attention at the lowest one, made for 32x32
+    # images in 2x2 patches (model.patch_size 2: a 16x16 -> 4x4 UNet). On 2 CPU cores it trained 80k images in
+    # 5.5 minutes where `tiny` on whole pixels trained 37k, and reached validation 0.38 against 0.32 (docs/results.md).
+    # The quickstart trains it at model.width 0.5 (1.2M): 2.4x the images/s, which mattered more at its budget.
+    "cpu": dict(
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
+    # CPU-sized for tests: 3 levels, attention at the lowest one; 8 groups because 32 channels.
+    "tiny": dict(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ),
+}
 
 
-class CountEmbedding(nn.Module):
-    """A learned vector per number of labels asked for, zero at the start: what a counted null adds, so that
-    classifier-free guidance contrasts the labels with "some scene of as many objects" rather than with "any
-    scene". With the plain null, guidance also pushes a one-object prompt away from the unconditional mean of
-    about two objects, towards an empty floor."""
-
-    def __init__(self, num_labels, dim):
-        super().__init__()
-        self.table = nn.Embedding(num_labels + 1, dim)
-        nn.init.zeros_(self.table.weight)
-
-    def forward(self, labels):
-        return self.table(labels.sum(1).round().long().clamp(0, self.table.num_embeddings - 1))
+def feature_sizes(cfg, image_size, patch_size=1):
+    """The feature-map size at each level of a UNet with kwargs `cfg` (every level but the last halves it)."""
+    return [image_size // patch_size // 2 ** level for level in range(len(cfg["block_out_channels"]))]
 
 
-def _time_embed_dim(cfg):
-    return cfg.get("time_embedding_dim") or 4 * cfg["block_out_channels"][0]  # diffusers' own default
-
-
-class TimeAdd(nn.Module):
-    """(a) The reference: Linear(multi-hot) is added to the time embedding (class_embed_type="identity")."""
-
-    @staticmethod
-    def build_unet(cfg, num_labels):
-        return UNet2DModel(**cfg, class_embed_type="identity")
-
-    def __init__(self, unet, num_labels, counted_null=False):
-        super().__init__()
-        dim = unet.time_embedding.linear_2.out_features
-        self.proj = nn.Linear(num_labels, dim)
-        # The empty set embeds to proj.bias; the null is a separate vector, so CFG's "unconditional" is its own thing.
-        self.null = nn.Parameter(torch.randn(dim) * 0.02)
-        self.null_count = CountEmbedding(num_labels, dim) if counted_null else None
-
-    def forward(self, x, labels, drop):
-        emb = self.proj(labels)
-        if drop is not None:
-            null = self.null if self.null_count is None else self.null + self.null_count(labels)
-            emb = torch.where(drop[:, None], null.to(emb.dtype), emb)
-        return x, {"class_labels": emb}
-
-
-class AdaGN(TimeAdd):
-    """(b) Same embedding as time_add, but every resnet turns time+label into GroupNorm scale and shift."""
-
-    @staticmethod
-    def build_unet(cfg, num_labels):
-        cfg = {"resnet_time_scale_shift": "scale_shift", **cfg}
-        # Quirk: with scale_shift, UNet2DModel's mid-block attention silently drops its GroupNorm unless
-        # attn_norm_num_groups is given; keep it so only the resnets differ from time_add.
-        cfg.setdefault("attn_norm_num_groups", cfg.get("norm_num_groups", 32))
-        return UNet2DModel(**cfg, class_embed_type="identity")
-
-
-_CROSS_ATTN_BLOCKS = {"AttnDownBlock2D": "CrossAttnDownBlock2D", "AttnUpBlock2D": "CrossAttnUpBlock2D",
-                      "UNetMidBlock2D": "UNetMidBlock2DCrossAttn"}
-
-
-class CrossAttn(nn.Module):
-    """(c) One learned token per present label, read by cross-attention at the variant's attention levels.
-
-    Tokens: num_labels label tokens, one always-attended token (so the empty set has something to attend to and
-    stays finite) and one null token, which alone is visible for dropped rows (with a counted null, beside one
-    of num_labels + 1 count tokens).
-    """
-
-    @staticmethod
-    def build_unet(cfg, num_labels):
-        cfg = dict(cfg)
-
-        def swap(names):  # same attention placement, cross-attention flavour
-            return tuple(_CROSS_ATTN_BLOCKS.get(n, n) for n in names)
-
-        cfg["down_block_types"] = swap(cfg["down_block_types"])
-        cfg["up_block_types"] = swap(cfg["up_block_types"])
-        cfg["mid_block_type"] = swap([cfg.get("mid_block_type", "UNetMidBlock2D")])[0]
-        # Quirk: UNet2DConditionModel's "attention_head_dim" is really the number of heads (diffusers issue 2011).
-        # Convert UNet2DModel's per-head dim to per-level head counts so both styles get the same head size.
-        head_dim = cfg.pop("attention_head_dim", 8)
-        cfg["attention_head_dim"] = tuple(1 if head_dim is None else max(1, c // head_dim)
+def unet_kwargs(unet, image_size, patch_size=1, width=1.0, attention_resolutions=None, overrides=None):
+    """UNETS[unet] resolved for a model: channels times `width` (kept a multiple of the variant's GroupNorm
+    groups), self-attention at the feature-map sizes in `attention_resolutions` (the UNet's own sizes, after
+    patching; None: the variant's placement), then `overrides`. So an ablation such as `model.width: 1.5`
+    means the same thing at every scale: 1.5x the channels of whatever UNet the preset uses."""
+    cfg = dict(UNETS[unet])
+    groups = cfg.get("norm_num_groups", 32)
+    if width != 1:
+        cfg["block_out_channels"] = tuple(max(groups, round(c * width / groups) * groups)
                                           for c in cfg["block_out_channels"])
-        cfg.setdefault("cross_attention_dim", _time_embed_dim(cfg))
-        return UNet2DConditionModel(**cfg)
-
-    def __init__(self, unet, num_labels, counted_null=False):
-        super().__init__()
-        counts = num_labels + 1 if counted_null else 0
-        # [labels..., always, null, counts 0..num_labels]
-        self.tokens = nn.Embedding(num_labels + 2 + counts, unet.config.cross_attention_dim)
-        self.num_labels, self.counted_null = num_labels, counted_null
-
-    def forward(self, x, labels, drop):
-        b, n = labels.shape[0], self.num_labels
-        on = torch.ones(b, 1, dtype=torch.bool, device=labels.device)
-        mask = torch.cat([labels > 0.5, on, ~on], dim=1)
-        if self.counted_null:
-            mask = torch.cat([mask, torch.zeros(b, n + 1, dtype=torch.bool, device=labels.device)], dim=1)
-        if drop is not None:
-            null_only = torch.zeros_like(mask)
-            null_only[:, n + 1] = True
-            if self.counted_null:
-                null_only[torch.arange(b), n + 2 + labels.sum(1).round().long().clamp(0, n)] = True
-            mask = torch.where(drop[:, None], null_only, mask)
-        states = self.tokens.weight.expand(b, -1, -1)
-        return x, {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+    if attention_resolutions is not None:
+        attends = [size in attention_resolutions for size in feature_sizes(cfg, image_size, patch_size)]
+        cfg["down_block_types"] = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attends)
+        cfg["up_block_types"] = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
+    return {**cfg, **(overrides or {})}
 
 
-class Concat(nn.Module):
-    """(d) The multi-hot vector broadcast to (num_labels, H, W) maps and concatenated to the input channels."""
-
-    @staticmethod
-    def build_unet(cfg, num_labels):
-        return UNet2DModel(**{**cfg, "in_channels": cfg["in_channels"] + num_labels})
-
-    def __init__(self, unet, num_labels, counted_null=False):
-        super().__init__()
-        # Starts at -1, outside the {0, 1} label range, so it is distinct from every label set incl. the empty one.
-        self.null = nn.Parameter(torch.full((num_labels,), -1.0))
-        self.null_count = CountEmbedding(num_labels, num_labels) if counted_null else None
-
-    def forward(self, x, labels, drop):
-        cond = labels.to(x.dtype)
-        if drop is not None:
-            null = self.null if self.null_count is None else self.null + self.null_count(labels)
-            cond = torch.where(drop[:, None], null.to(x.dtype), cond)
-        maps = cond[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-        return torch.cat([x, maps], dim=1), {}
+def attention_problem(unet, image_size, patch_size, attention_resolutions, overrides=None):
+    """Why `attention_resolutions` names a size that no level of the UNet has, or None."""
+    if unet not in UNETS or not attention_resolutions:
+        return None
+    sizes = feature_sizes({**UNETS[unet], **(overrides or {})}, image_size, patch_size)
+    unknown = sorted(set(attention_resolutions) - set(sizes))
+    return f"{unknown} not among this UNet's feature-map sizes {sizes}" if unknown else None
 
 
-CONDITIONING = {"time_add": TimeAdd, "adagn": AdaGN, "cross_attn": CrossAttn, "concat": Concat}
+def size_problem(unet, image_size, overrides=None, patch_size=1):
+    """Why the UNet cannot take `image_size` in patches of `patch_size` (the UNet sees image_size / patch_size,
+    and every level but the last halves it), or None."""
+    if image_size % patch_size:
+        return f"{image_size} is not divisible by the patch size {patch_size}"
+    try:
+        levels = len({**UNETS[unet], **(overrides or {})}["block_out_channels"])
+    except (KeyError, TypeError):
+        return None  # an unknown variant or malformed overrides: reported where the model is built
+    if (image_size // patch_size) % 2 ** (levels - 1):
+        inside = f" ({image_size // patch_size} in patches of {patch_size})" if patch_size > 1 else ""
+        return f"{image_size}{inside} is not divisible by {2 ** (levels - 1)} ({levels} UNet levels)"
+    return None
+
+
+# Conditioning style -> its front-end class in lab/conditioning.py (named, so that the zoo loads no torch).
+CONDITIONING = {
+    "time_add": "TimeAdd",      # (a) the reference: Linear(multi-hot) added to the time embedding
+    "adagn": "AdaGN",           # (b) the same embedding as GroupNorm scale and shift in every resnet
+    "cross_attn": "CrossAttn",  # (c) a learned token per present label, read by cross-attention
+    "concat": "Concat",         # (d) the multi-hot vector as extra input channels
+}
 # The null condition of classifier-free guidance: one learned null, or the null plus the number of labels asked for.
 CFG_NULLS = {"learned": False, "count": True}
 
 
-class ConditionalUNet(nn.Module):
-    """A diffusers UNet (`.unet`) plus the label front-end of one conditioning style (`.cond`).
-
-    With patch_size p > 1 the UNet works on p x p patches (pixel unshuffle: (3, H, W) -> (3p^2, H/p, W/p)) and
-    its output is shuffled back: every convolution runs at 1/p^2 of the pixels, so on a CPU budget the same
-    compute buys a wider network (the first layer of "simple diffusion" and U-ViT's patches)."""
-
-    def __init__(self, unet, cond, build_kwargs=None, patch_size=1):
-        super().__init__()
-        self.unet = unet
-        self.cond = cond
-        self.build_kwargs = build_kwargs or {}  # what build_model was called with, for checkpoints
-        self.patch_size = patch_size
-
-    def forward(self, x, t, labels, drop=None):
-        """x (B,3,H,W), t scalar or (B,), labels (B,num_labels) float multi-hot; drop (B,) bool -> null condition."""
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        x = nn.functional.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x
-        x, kwargs = self.cond(x, labels.to(x.device, torch.float32), drop)
-        out = self.unet(x, t, **kwargs).sample
-        return nn.functional.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
-
-
 def build_model(unet: str = "reference", conditioning: str = "time_add", num_labels: int = 24,
                 image_size: int = 64, patch_size: int = 1, width: float = 1.0, attention_resolutions=None,
-                cfg_null: str = "learned", **unet_overrides) -> ConditionalUNet:
+                cfg_null: str = "learned", **unet_overrides):
     """Build UNETS[unet] with CONDITIONING[conditioning] on patch_size x patch_size patches of the image, its
-    channels times `width`, self-attention at `attention_resolutions` (lab.unets.unet_kwargs); unet_overrides
+    channels times `width`, self-attention at `attention_resolutions` (unet_kwargs); unet_overrides
     replace UNet2DModel kwargs of the variant."""
     choose("unet", "UNet variant", unet, UNETS)
     # RGB in and out (per patch), spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
@@ -189,31 +121,17 @@ def build_model(unet: str = "reference", conditioning: str = "time_add", num_lab
     cfg = {"in_channels": channels, "out_channels": channels,
            **unet_kwargs(unet, image_size, patch_size, width, attention_resolutions, unet_overrides),
            "sample_size": image_size // patch_size}
-    style = choose("conditioning", "conditioning style", conditioning, CONDITIONING)
+    front_end = choose("conditioning", "conditioning style", conditioning, CONDITIONING)
+    counted = choose("cfg_null", "null condition", cfg_null, CFG_NULLS)
     problem = size_problem(unet, image_size, unet_overrides, patch_size)
     if problem:
         raise UserError("image_size", problem)
+    zoo = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
+               patch_size=patch_size, width=width, attention_resolutions=attention_resolutions, cfg_null=cfg_null,
+               **unet_overrides)
+    # torch and diffusers load here, when a model is built: the zoo above is read without them
+    conditioning_module = importlib.import_module("lab.conditioning")
     try:
-        net = style.build_unet(cfg, num_labels)
+        return conditioning_module.ConditionalUNet(front_end, cfg, num_labels, patch_size, counted, zoo)
     except (TypeError, ValueError) as e:  # diffusers validates the kwargs; report it as the user's config error
         raise UserError("unet_overrides" if unet_overrides else "unet", str(e)) from e
-    build_kwargs = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
-                        patch_size=patch_size, width=width, attention_resolutions=attention_resolutions,
-                        cfg_null=cfg_null, **unet_overrides)
-    counted = choose("cfg_null", "null condition", cfg_null, CFG_NULLS)
-    return ConditionalUNet(net, style(net, num_labels, counted_null=counted), build_kwargs, patch_size)
-
-
-def guided_prediction(model, x, t, labels, guidance_scale: float) -> torch.Tensor:
-    """CFG as ONE doubled batch: cond and null rows together; pred = null + s*(cond - null).
-
-    Scale 1 returns exactly the conditional prediction and skips the null half entirely.
-    """
-    if guidance_scale == 1:
-        return model(x, t, labels)
-    b = x.shape[0]
-    t = torch.as_tensor(t, device=x.device)
-    t = t.expand(b) if t.ndim == 0 else t
-    drop = torch.arange(2 * b, device=x.device) >= b
-    cond, null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, labels]), drop=drop).chunk(2)
-    return null + guidance_scale * (cond - null)

@@ -6,6 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def world_size():
@@ -53,6 +54,14 @@ def broadcast(tensor, source=0):
     return tensor
 
 
+def main_value(value, device):
+    """The main process's float `value` on every process (alone: `value`). A device tensor read back is a host
+    sync: only where other processes must agree."""
+    if not dist.is_initialized():
+        return value
+    return float(broadcast(torch.tensor(value, device=device)))
+
+
 def all_reduce_min(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
@@ -61,7 +70,6 @@ def all_reduce_min(tensor):
 
 def accumulating(wrapped, last):
     """DDP's no_sync() on every micro-batch but the last: gradients are all-reduced once per optimizer step."""
-    from torch.nn.parallel import DistributedDataParallel
     if isinstance(wrapped, DistributedDataParallel) and not last:
         return wrapped.no_sync()
     return contextlib.nullcontext()
@@ -71,5 +79,4 @@ def wrap(model, device):
     """DistributedDataParallel over the model when several processes train it, else the model."""
     if not dist.is_initialized():
         return model
-    from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

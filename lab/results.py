@@ -18,7 +18,8 @@ import pandas as pd
 
 from lab.errors import UserError, reports_user_errors
 from lab.charts import row_labels, write_charts
-from lab.report import DEFAULT_METRIC, ablation_table, load_runs, open_store, render
+from lab.report import load_runs, open_store
+from lab.tables import DEFAULT_METRIC, ablation_table, render
 
 CURVE_METRIC = "val_accuracy"
 

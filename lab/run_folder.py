@@ -57,6 +57,13 @@ def holder(folder):
         return "a process still starting"
 
 
+def clear(folder):
+    """Start over in `folder`: the old run's checkpoints, temporaries and MLflow run record go."""
+    folder = Path(folder)
+    for old in [*folder.glob("*.pt*"), *folder.glob(".*.tmp"), record_path(folder)]:
+        old.unlink(missing_ok=True)
+
+
 def record_path(folder):
     return Path(folder) / "run.json"
 

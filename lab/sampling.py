@@ -1,56 +1,28 @@
-"""Sampling, in one module for the trainer, the report and the benchmark: ONE entry point for every
-sampler (k-diffusion style), classifier-free guidance, batched generation with a progress bar, captioned
-grids and denoising strips, loading a checkpoint for sampling, and scoring the test splits.
-
-Samplers are rebuilt from the training scheduler's exact betas, so a model trained on any schedule (even
-"sigmoid", which DDIM and DPM-Solver do not know by name) samples with any sampler.
+"""Sampling, in one module for the trainer, the sample command, the report and the benchmark: ONE entry point
+for every sampler (k-diffusion style; the samplers themselves are lab/schedules.py's), classifier-free guidance,
+batched generation with a progress bar, captioned grids and denoising strips, loading a checkpoint for sampling,
+and scoring the test splits.
 
     images = sample(model, labels, train_scheduler=train, sampler="dpmsolver++", steps=25, guidance_scale=2.0)
-    scores = score_checkpoint("runs/base/best.pt")       # {split: (mean, std, per-seed accuracies)}
+    scores = score_checkpoint("runs/base/best.pt")       # {split: {accuracy, accuracy_std, exact_accuracy, ...}}
 """
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from lab import build
 from lab.checkpoints import load_checkpoint
+from lab.conditioning import guided_prediction
 from lab.config import ExperimentConfig
-from lab.errors import UserError, choose
-from lab.eval import for_evaluator
+from lab.errors import UserError
+from lab.eval import judge_samples, nonfinite, over_seeds
 from lab.grids import label_names_of, labelled_grid, titled_rows
-from lab.model_zoo import guided_prediction
+from lab.schedules import make_sampler
 
-# name -> (scheduler class, its own kwargs). Betas, num_train_timesteps and prediction_type come from training.
-SAMPLERS = {
-    "ddpm": (DDPMScheduler, {}),  # ancestral; always runs all training steps
-    # "trailing" makes the first step t = T-1 (pure noise); diffusers' default "leading" starts short of it.
-    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
 STRIP_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
-
-
-def make_sampler(sampler: str, train_scheduler, steps: int = 50, device=None):
-    """A fresh sampling scheduler with the training betas and prediction type, its timesteps already set."""
-    cls, kwargs = choose("sampler", "sampler", sampler, SAMPLERS)
-    cfg = train_scheduler.config
-    if sampler == "ddpm":
-        steps = cfg.num_train_timesteps
-    elif not 1 <= steps <= cfg.num_train_timesteps:
-        raise UserError("steps", f"{steps} is not between 1 and num_train_timesteps={cfg.num_train_timesteps}")
-    if sampler == "dpmsolver++" and steps == cfg.num_train_timesteps:
-        # diffusers' default linspace spacing repeats the middle timestep when steps == num_train_timesteps: a
-        # step of length zero, and NaN images from there on; trailing spacing gives every timestep once
-        kwargs = {**kwargs, "timestep_spacing": "trailing"}
-    scheduler = cls(num_train_timesteps=cfg.num_train_timesteps, trained_betas=train_scheduler.betas.numpy(),
-                    prediction_type=cfg.prediction_type, **kwargs)
-    scheduler.set_timesteps(steps, device=device)
-    return scheduler
 
 
 @torch.no_grad()
@@ -135,9 +107,10 @@ def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_s
     return torch.cat(images)
 
 
-def grid_image(images, labels, setup, nrow=8):
-    """A PIL grid (8 per row) of images in [-1, 1], each tile captioned with the labels it was asked for."""
-    return labelled_grid(images, label_names_of(labels, setup.label_names), nrow=nrow)
+def grid_image(images, labels, setup, verdicts=None, nrow=8):
+    """A PIL grid (8 per row) of images in [-1, 1], each tile captioned with the labels it was asked for and, with
+    the strict judge's `verdicts`, framed by what it holds (lab.grids.VERDICT_COLOURS)."""
+    return labelled_grid(images, label_names_of(labels, setup.label_names), nrow=nrow, verdicts=verdicts)
 
 
 def strip_image(model, setup, seed):
@@ -164,8 +137,14 @@ def load_for_sampling(path, device="cpu"):
 
 def model_from_checkpoint(state, path, device="cpu"):
     """A loaded best.pt (read from `path`) -> (model, its validated config)."""
-    config = ExperimentConfig.model_validate(yaml.safe_load(state["config"]))
-    model = build.model(config)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(path, "not a generator checkpoint of ddpm-lab (a best.pt or latest.pt holds a model and its "
+                              "config)")
+    try:
+        config = ExperimentConfig.model_validate(yaml.safe_load(state["config"]))
+    except (ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
+        raise UserError(path, f"its config does not validate ({str(e).splitlines()[0]})") from None
+    model = build.make_model(config)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -173,26 +152,32 @@ def model_from_checkpoint(state, path, device="cpu"):
     return model.to(device).eval(), config
 
 
-def score_splits(model, setup, seeds, log_grid=None):
-    """Test accuracy of a model on each test split over several sampling seeds: {split: (mean, std, list)}.
+def score_splits(model, setup, seeds, log_grid=None, write=print):
+    """A model's figures on each test split over several sampling seeds: {split: {accuracy, accuracy_std, and with
+    a strict judge exact_accuracy, extra_objects, missing_objects and their _std, nonfinite_samples}}.
 
     log_grid(image, key) receives the first seed's captioned grid of each split, key `<split>_samples`."""
     scores = {}
     for name, labels in setup.test_labels.items():
-        accs = []
+        judgements = []
         for seed in range(seeds):
             images = generate(model, labels, setup, seed=10_000 + seed,
                               desc=f"scoring {Path(name).stem}, seed {seed + 1}/{seeds}")
-            accs.append(setup.evaluator.accuracy(for_evaluator(images), labels))
+            judgements.append(judge_samples(images, labels, setup.evaluator, setup.strict_judge))
             if seed == 0 and log_grid:
-                log_grid(grid_image(images, labels, setup), f"{Path(name).stem}_samples")
-        scores[name] = (float(np.mean(accs)), float(np.std(accs)), accs)
+                log_grid(grid_image(images, labels, setup, judgements[0].verdicts), f"{Path(name).stem}_samples")
+        broken = nonfinite(judgements)
+        if broken:
+            write(f"warning: {broken} of {seeds * len(labels)} samples for {name} were not finite: counted as misses")
+        scores[name] = {**over_seeds(judgements), "nonfinite_samples": broken}
     return scores
 
 
 def score_checkpoint(path, splits=None, seeds=None, device=None, log_grid=None):
-    """Score a best.pt on test splits over sampling seeds, with the data and evaluator its config names."""
+    """Score a best.pt on test splits over sampling seeds (None: its config's eval.final_seeds), with the data
+    and evaluator its config names: ({split: figures}, the seeds used)."""
     device = build.pick_device(device)
     model, config = load_for_sampling(path, device)
     setup = build.sampling_setup(model, config, device, splits)
-    return score_splits(model, setup, seeds or config.eval.final_seeds, log_grid)
+    seeds = seeds or config.eval.final_seeds
+    return score_splits(model, setup, seeds, log_grid), seeds

@@ -2,22 +2,18 @@
 config, metrics logged async), a sweep's parent run, compare.py's chart runs and final test scores.
 Other modules hand it what to record; they may read runs, never write them.
 
-Embedded default: a SQLite store `mlflow.db` in the working directory (`mlflow ui --backend-store-uri
-sqlite:///mlflow.db`); `tracking_uri` in the config or MLFLOW_TRACKING_URI points elsewhere.
-
 What a user of MLflow expects is done the way MLflow itself does it: the standard run tags (user,
 source, git commit) from MLflow's own context resolution, metrics through its asynchronous queue as they
 happen, images with a key and a step (the run's charts show them with a step slider), system metrics
 from its own monitor, and experiments tagged as model training.
 """
 import contextlib
+import hashlib
 import json
 import logging
 import os
-import sqlite3
+import re
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -29,10 +25,10 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils import git_utils
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME
 
-from lab.config import flatten, to_yaml, tracking_uri_problem, training_key
+from lab.config import flatten, to_yaml, training_key
 from lab.errors import UserError
+from lab.hardware import machine
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
 # The experiment tag MLflow 3's UI reads to choose its model-training view over the GenAI one (the value
 # is the UI's own). 3.17 reads it only when its GenAI/Model training switch is off; with the switch, the
@@ -40,48 +36,13 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
-def resolve_uri(config_uri=None):
-    """The tracking URI, with a relative SQLite path made absolute (MLflow caches stores by URI text,
-    so `sqlite:///mlflow.db` from two working directories would otherwise share one database)."""
-    uri = database_url(config_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
-    return uri
-
-
-def database_url(url):
-    """`postgresql://` names psycopg 3 (the driver we install) explicitly: SQLAlchemy before 2.1 read it as
-    psycopg2. Every database URL, MLflow's or Optuna's, goes through here."""
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return url
-
-
-def check_reachable(uri, where="tracking_uri"):
-    """Fail in one line before anything starts, instead of MLflow retrying for minutes."""
-    problem = tracking_uri_problem(uri)  # the config's key is checked with it; MLFLOW_TRACKING_URI only here
-    if problem:
-        raise UserError(where, problem)
-    if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except (urllib.error.URLError, OSError) as e:
-            raise UserError(where, f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)})") from None
-    elif uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
-        if not path.parent.is_dir():
-            raise UserError(where, f"folder {path.parent} of the SQLite store {uri} does not exist")
-        if path.exists():
-            check_sqlite(path, where)
-
-
-def check_sqlite(path, where):
-    """An existing store must be an SQLite database whose schema can be read (not truncated, not another file)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as e:
-        raise UserError(where, f"{path} is not a readable SQLite database ({e})") from None
+def default_artifact_location(uri, name):
+    """Where a new experiment of a SQLite store keeps its artifacts: `mlruns/` beside the database file (MLflow's
+    own default is `./mlruns` under whatever folder the process happens to run in). Other stores: their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:60] + "-" + hashlib.blake2b(name.encode(), digest_size=4).hexdigest()
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / slug).as_uri()
 
 
 def experiment_id(client, name, artifact_location=None):
@@ -90,7 +51,8 @@ def experiment_id(client, name, artifact_location=None):
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location,
+            location = artifact_location or default_artifact_location(client.tracking_uri, name)
+            return client.create_experiment(name, artifact_location=location,
                                             tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -119,22 +81,6 @@ def run_context_tags(tags):
         resolved["git_dirty"] = str(dirty).lower()
     resolved.setdefault("machine", machine())
     return resolved
-
-
-def machine(device=None):
-    """What runs on `device` (default: the GPU when there is one), for every figure a report or the benchmark
-    quotes: the GPU's name, or the CPU model, cores and torch threads."""
-    import platform
-
-    import torch
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), model)
-    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def git_dirty(folder):
@@ -174,29 +120,38 @@ def log_compare_run(client, experiment, files, table_markdown, filter_string=Non
 EVALUATOR_EXPERIMENT = "evaluator"  # trainings of our evaluator: apart, so compare.py never tables them with generators
 
 
-def start_evaluator_run(uri, recipe, tags):
-    """A run in the `evaluator` experiment for one training of our evaluator: the recipe as params,
-    `tags` (data root, checkpoint, recipe digest), system metrics. Returns its Tracker."""
-    tracker = Tracker(uri)
-    name = f"evaluator-{tags.get('recipe_digest', '')}".rstrip("-")
-    tracker.run_id = tracker.client.create_run(
-        experiment_id(tracker.client, EVALUATOR_EXPERIMENT), run_name=name,
-        tags=run_context_tags({"mlflow.runName": name, **tags})).info.run_id
-    tracker.client.log_batch(tracker.run_id, params=[Param(k, json.dumps(v)[:MAX_PARAM_LENGTH])
-                                                     for k, v in recipe.items()])
-    tracker.start_system_metrics()
-    return tracker
+def run_checkpoint(client, run_id, tmp):
+    """A run's best.pt: the path its `best_checkpoint` tag names on this machine, else the MLflow artifact (a
+    shared server) downloaded into `tmp`. A run that does not exist, or has neither, is one line."""
+    try:
+        tagged = client.get_run(run_id).data.tags.get("best_checkpoint")
+    except MlflowException as e:
+        raise UserError(run_id, f"no such MLflow run in {client.tracking_uri} ({str(e).splitlines()[0]})") from None
+    if tagged and Path(tagged).is_file():
+        return Path(tagged)
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp)))
+    except Exception as e:  # MlflowException or OSError from the artifact store: one line either way
+        raise UserError(run_id, f"best checkpoint not found: {tagged or 'no best_checkpoint tag'} is not a file "
+                                f"here and the checkpoints/best.pt artifact is unavailable "
+                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def log_final_scores(client, run_id, scores):
-    """compare.py --final-test's scores on the chosen run: final_<split>_accuracy and _std, tag final_test_seeds."""
-    now, metrics = int(time.time() * 1000), []
-    for split, (mean, std, _) in scores.items():
-        stem = Path(split).stem
-        metrics += [Metric(f"final_{stem}_accuracy", float(mean), now, 0),
-                    Metric(f"final_{stem}_accuracy_std", float(std), now, 0)]
-    used = max(len(accs) for _, _, accs in scores.values())
-    client.log_batch(run_id, metrics=metrics, tags=[RunTag("final_test_seeds", str(used))], synchronous=True)
+def log_samples(client, run_id, metrics, files):
+    """lab.sample's figures (`sample/...` metrics) and images (artifacts under sample/) on a trained run."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], synchronous=True)
+    for path in files:
+        client.log_artifact(run_id, str(path), "sample")
+
+
+def log_final_scores(client, run_id, scores, seeds):
+    """compare.py --final-test's scores on the chosen run: final_<split>_<figure> (accuracy, exact_accuracy, ...
+    and their _std), tag final_test_seeds."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"final_{Path(split).stem}_{key}", float(value), now, 0)
+               for split, figures in scores.items() for key, value in figures.items()]
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag("final_test_seeds", str(seeds))], synchronous=True)
 
 
 # --- a sweep's parent run (lab/sweeps/parent.py decides which one; these write it) -----------------------
@@ -246,9 +201,17 @@ class NoTracker:
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
 
+    def lifetime(self, killed=()):
+        return contextlib.nullcontext(self)
+
 
 class Tracker:
-    """An MLflow run of one experiment: started fresh, or resumed by id after a restart."""
+    """An MLflow run of one experiment: started fresh, or resumed by id after a restart. Its life is `lifetime()`:
+
+        with tracker.lifetime():
+            tracker.start(config, config_path)         # or start_evaluator_run(...)
+            ...                                        # FINISHED at the end, KILLED on Ctrl-C, FAILED on an error
+    """
 
     def __init__(self, uri, artifact_location=None):
         self.uri, self.artifact_location = uri, artifact_location  # where a new experiment keeps artifacts
@@ -279,6 +242,17 @@ class Tracker:
             for i in range(0, len(params), 100):  # MLflow's batch limit for params
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
             self.client.log_text(self.run_id, to_yaml(config), "config.yaml")
+        return self.run_id
+
+    def start_evaluator(self, recipe, tags):
+        """A run in the `evaluator` experiment for one training of our evaluator: the recipe as params, `tags`
+        (data root, checkpoint, recipe digest), system metrics."""
+        name = f"evaluator-{tags.get('recipe_digest', '')}".rstrip("-")
+        self.run_id = self.client.create_run(experiment_id(self.client, EVALUATOR_EXPERIMENT), run_name=name,
+                                             tags=run_context_tags({"mlflow.runName": name, **tags})).info.run_id
+        self.client.log_batch(self.run_id, params=[Param(k, json.dumps(v)[:MAX_PARAM_LENGTH])
+                                                   for k, v in recipe.items()])
+        self.start_system_metrics()
         return self.run_id
 
     def trained_run(self, config):
@@ -344,6 +318,22 @@ class Tracker:
 
     def log_artifact(self, path, artifact_dir=None):
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    @contextlib.contextmanager
+    def lifetime(self, killed=(KeyboardInterrupt,)):
+        """The run started inside the block ends with it: FINISHED when the block completes, KILLED when one of
+        `killed` ends it (an interruption, a pruned trial), FAILED on any other error. Never left RUNNING: a rerun
+        reopens it and resumes."""
+        status = "FAILED"
+        try:
+            yield self
+            status = "FINISHED"
+        except killed:
+            status = "KILLED"
+            raise
+        finally:
+            if self.run_id:
+                self.end(status)
 
     def end(self, status="FINISHED"):
         self.flush()

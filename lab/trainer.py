@@ -1,10 +1,11 @@
 """The training loop: read it top to bottom.
 
-`train(setup)` takes what `lab.build.prepare` built and trains: a `TrainStep` (the optimizer step, the one
-`bench.py` times) over seeded epochs, loss windows logged every `train.log_every` steps, then at an epoch's
-end two named steps, `validation` (EMA weights sampled on `eval.split`, the best kept as `best.pt`) and
-`save_latest` (the resume state, `latest.pt`), and at the end `finish` (the best checkpoint scored once on
-the test splits). A run cut short resumes from `latest.pt` into the same MLflow run.
+`train(setup)` takes what `lab.build.prepare` built and trains in named steps: `Run.resume` (from `latest.pt`
+into the same MLflow run, when a run was cut short), `Run.start_tracking`, then per epoch `Run.train_epoch` (a
+`TrainStep`, the optimizer step `bench.py` times, over a seeded order; loss windows logged every
+`train.log_every` steps) and `Run.end_of_epoch` (`validate_and_keep_best`: EMA weights sampled on `eval.split`,
+the best kept as `best.pt`; `save_latest`: the resume state), and `Run.finish` (the best checkpoint scored once
+on the test splits). The MLflow run's life is `Tracker.lifetime`: FINISHED, KILLED or FAILED, never left RUNNING.
 """
 import contextlib
 import copy
@@ -20,13 +21,16 @@ from tqdm import tqdm
 from lab import build, parallel, run_folder
 from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from lab.config import to_yaml
-from lab.data import normalize
+from lab.data.iclevr import normalize
 from lab.diffusion import diffusion_loss, loss_weights
 from lab.errors import UserError
-from lab.eval import BINDING_ERRORS, binding_errors, course_accuracy, evaluator_ready, for_evaluator
+from lab.eval import BINDING_ERRORS, binding_errors, for_evaluator, judge_samples, nonfinite, over_seeds
+from lab.evaluator_cache import evaluator_ready
+from lab.hardware import machine
 from lab.metrics import frechet_distance, kernel_distance
 from lab.sampling import generate, grid_image, model_from_checkpoint, score_splits, strip_image
-from lab.tracking import NoTracker, Tracker, machine, resolve_uri
+from lab.stores import resolve_uri
+from lab.tracking import NoTracker, Tracker
 
 class NonFiniteLoss(UserError):
     def __init__(self, where, message, step=None):
@@ -68,6 +72,10 @@ class TrainStep:
         self.first_nonfinite = torch.tensor(math.inf, device=device)
         self.order = self.generator = None
 
+    def agree(self, seconds):
+        """The main process's clock on every process: all apply the same learning rate and stop at one step."""
+        return parallel.main_value(seconds, self.device)
+
     def start_epoch(self, epoch):
         """Seeded per epoch (checkpoints are at epoch ends): a resumed run replays exactly. Every process draws
         the same order and takes its share; each draws its own noise."""
@@ -90,7 +98,7 @@ class TrainStep:
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.opt.optimizer.step()
-        self.opt.clock.tick(step, self.device)
+        self.opt.clock.tick(step, agree=self.agree)
         self.opt.lr_schedule.step()
         self.opt.optimizer.zero_grad(set_to_none=True)
         if self.opt.ema is not None:
@@ -150,160 +158,200 @@ class TrainStep:
         return ema_model
 
 
-def train(setup, **options):
-    """Train one experiment (options: see `_train`); the main process holds the run folder throughout, so a
-    second process on it is refused before it writes anything."""
-    with run_folder.exclusive(setup.out_dir) if parallel.is_main() else contextlib.nullcontext():
-        return _train(setup, **options)
-
-
-def _train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
+def train(setup, *, tracker=None, parent_run_id=None, extra_tags=None, on_validation=None, fresh=False, log=print):
     """Train one experiment, resuming from `out_dir/latest.pt` (or `run.json` when killed before the first
-    checkpoint) into the same MLflow run when a previous attempt was cut short.
+    checkpoint) into the same MLflow run when a previous attempt was cut short; a config whose training a finished
+    run already did is `rescore`d instead. The main process holds the run folder throughout, so a second process
+    on it is refused before it writes anything.
 
-    on_validation(step, epoch, accuracy) runs after each validation (epoch: the epochs completed) and may
-    raise Stop."""
-    config, device, tc, out = setup.config, setup.device, setup.config.train, setup.out_dir
-    latest, best_path = out / "latest.pt", out / "best.pt"
+    on_validation(step, epoch, accuracy) runs after each validation (epoch: the epochs completed) and may raise
+    Stop. Returns the run's summary (its run id, steps and final scores)."""
     main = parallel.is_main()
-    if fresh:  # start over: the old run's checkpoints and MLflow run must not leak into this one
-        for old in [*out.glob("*.pt*"), *out.glob(".*.tmp"), run_folder.record_path(out)]:
-            old.unlink(missing_ok=True)
-    resume, run_id = (None, None) if fresh else run_folder.load_previous(out, to_yaml(config))
-    tracker = tracker or (Tracker(resolve_uri(config.tracking_uri)) if main else NoTracker())
-    if resume and resume.get("finished"):
-        tracker.ensure_finished(run_id)  # killed after the final checkpoint, before MLflow heard of the end
-        log(f"{out} holds a finished run (MLflow run {run_id}); pass --fresh to train again")
-        return resume["summary"]
-
-    trained = tracker.trained_run(config) if main and not (resume or fresh) and parallel.world_size() == 1 else None
-    if trained:
-        return rescore(setup, tracker, trained, run_id, extra_tags, log)
-
-    train_step = TrainStep(setup)
-    step, start_epoch, best_acc = 0, 0, -1.0
-    if resume:
-        train_step.load_state_dict(resume)
-        torch.set_rng_state(resume["torch_rng"])
-        step, start_epoch, best_acc = resume["step"], resume["epoch"], resume["best_acc"]
-        if checkpoint_exists(best_path):  # killed after a new best but before latest.pt: never replace it by a worse one
-            best_acc = max(best_acc, load_checkpoint(best_path)["val_accuracy"])
-        log(f"resuming {out} at epoch {start_epoch}, step {step} (MLflow run {run_id})")
-    elif run_id:
-        log(f"resuming {out} from the start, killed before its first checkpoint (MLflow run {run_id})")
-
-    if main:
-        run_folder.announce(out)
-    status = "FAILED"
-    try:
-        run_id = tracker.start(config, setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
-                               extra_tags=extra_tags,
-                               on_created=lambda new_id: run_folder.write_record(out, new_id, to_yaml(config)))
-        bar = tqdm(total=train_step.total_steps, initial=step, desc=config.run_name, mininterval=1,
-                   disable=None if main else True)  # one bar per process group
-        reference_features = None
-        window_start, window_images = time.perf_counter(), 0
-        clock = train_step.opt.clock
-        clock.start(step, resume.get("spent_s", 0.0) if resume else 0.0)
-        for epoch in range(start_epoch, train_step.epochs):
-            epoch_started_s = clock.spent_s
-            train_step.start_epoch(epoch)
-            for i in range(train_step.steps_per_epoch):
-                train_step(i, step + 1)
-                step += 1
-                window_images += train_step.images_per_step
-                bar.update()
-                # a time budget (the CPU presets) ends the run as if this were the last step
-                last = step >= train_step.total_steps or clock.out_of_time
-                log_now = step % tc.log_every == 0 or last
-                # a NaN stops the run at once on CPU, where a readback is free; on GPU every log_every steps
-                if log_now or device.type == "cpu":
-                    window = train_step.read_window()
-                    if window.first_nonfinite is not None or not math.isfinite(window.loss):
-                        bad = window.first_nonfinite or step
-                        raise NonFiniteLoss(setup.config_path, f"loss became {window.loss} at step {bad} "
-                                            f"(last good checkpoint: {latest if latest.exists() else 'none'})", bad)
-                if log_now:
-                    evaluator_ready(setup.evaluator)  # one trained beside gives its threads back when done
-                    images_per_s = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    tracker.log_metrics({"loss": window.loss, "lr": train_step.opt.lr_schedule.get_last_lr()[0],
-                                         "epoch": epoch, "images_per_s": images_per_s, **window.quartiles}, step)
-                    bar.set_postfix(loss=f"{window.loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
-                    train_step.reset_window()
-                    window_start, window_images = time.perf_counter(), 0
-                if last:
+    with run_folder.exclusive(setup.out_dir) if main else contextlib.nullcontext():
+        if fresh:  # start over: the old run's checkpoints and MLflow run must not leak into this one
+            run_folder.clear(setup.out_dir)
+        resume, run_id = (None, None) if fresh else run_folder.load_previous(setup.out_dir, to_yaml(setup.config))
+        tracker = tracker or (Tracker(resolve_uri(setup.config.tracking_uri)) if main else NoTracker())
+        if resume and resume.get("finished"):
+            tracker.ensure_finished(run_id)  # killed after the final checkpoint, before MLflow heard of the end
+            log(f"{setup.out_dir} holds a finished run (MLflow run {run_id}); pass --fresh to train again")
+            return resume["summary"]
+        trained = tracker.trained_run(setup.config) if main and not (resume or fresh) and parallel.world_size() == 1 \
+            else None
+        if trained:
+            return rescore(setup, tracker, trained, run_id, extra_tags, log)
+        run = Run(setup, tracker, on_validation, log)
+        run.resume(resume, run_id)
+        if main:
+            run_folder.announce(setup.out_dir)
+        with tracker.lifetime(killed=(Stop, KeyboardInterrupt)):
+            run.start_tracking(run_id, parent_run_id, extra_tags)
+            for epoch in range(run.first_epoch, run.train_step.epochs):
+                last = run.train_epoch(epoch)
+                if run.end_of_epoch(epoch, last):
                     break
-            paused = time.perf_counter()  # images_per_s counts training steps only, not what follows
-            validates = main and ((epoch + 1) % config.eval.every_epochs == 0 or last)
-            # a validation that the final one would repeat within half an interval is left to it (the demo
-            # validated at steps 3,372 and 3,448: 15 s of its 11 minutes for the same point of the curve), at
-            # this epoch's pace: on a GPU the first epoch holds minutes of compilation
-            half = config.eval.every_epochs / 2
-            final_is_near = clock.ends_within(half * train_step.steps_per_epoch,
-                                              half * (clock.spent_s - epoch_started_s))
-            if validates and not last and final_is_near:
-                bar.write(f"step {step}: no validation, the final one follows within half an interval")
-            elif validates and not last and not evaluator_ready(setup.evaluator):
-                bar.write(f"step {step}: no validation yet, the evaluator still trains beside")
-            elif validates:
-                if reference_features is None:
-                    reference_features = real_features(setup)
-                # minutes of this run's clock (training and validations, resumed runs' stops left out)
-                tracker.log_metrics({"train_minutes": clock.spent_s / 60}, step)
-                acc = validation(train_step.sampling_model(), setup, tracker, reference_features, step, best_acc,
-                                 best_path, bar.write)
-                best_acc = max(acc, best_acc)
-                if on_validation is not None:
-                    on_validation(step, epoch + 1, acc)  # may raise Stop (a pruned trial)
-            if tc.max_minutes and not last:
-                # the validation's minutes count: when they spent the budget, stop here rather than one step on
-                # (which would validate again); every process ticks, so all stop at the same step
-                clock.tick(step, device)
-                last = clock.out_of_time
-            if main and ((epoch + 1) % tc.checkpoint_every == 0 or last):
-                tracker.flush()  # metrics up to this step are stored before the state a resume starts from
-                save_latest(train_step, step, epoch + 1, best_acc, run_id, latest)
-            parallel.barrier()  # the others wait while the main process evaluates and saves
-            window_start += time.perf_counter() - paused
+            return run.finish()
+
+
+class Run:
+    """One training run's state between its named steps: `resume`, `start_tracking`, then per epoch
+    `train_epoch` and `end_of_epoch`, and `finish`."""
+
+    def __init__(self, setup, tracker, on_validation, log):
+        self.setup, self.config, self.tracker, self.on_validation, self.log = setup, setup.config, tracker, \
+            on_validation, log
+        self.main = parallel.is_main()
+        self.latest, self.best_path = setup.out_dir / "latest.pt", setup.out_dir / "best.pt"
+        self.train_step = TrainStep(setup)
+        self.clock = self.train_step.opt.clock
+        self.step, self.first_epoch, self.best_score = 0, 0, -1.0
+        self.run_id = self.bar = self.reference_features = None
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def resume(self, state, run_id):
+        """Continue where `state` (a latest.pt) left off, or from the start into the MLflow run `run_id`."""
+        self.run_id = run_id
+        spent_s = 0.0
+        if state:
+            self.train_step.load_state_dict(state)
+            torch.set_rng_state(state["torch_rng"])
+            self.step, self.first_epoch, self.best_score = state["step"], state["epoch"], state["best_score"]
+            spent_s = state.get("spent_s", 0.0)
+            if checkpoint_exists(self.best_path):  # killed after a new best, before latest.pt: never a worse one
+                self.best_score = max(self.best_score, selection_score(load_checkpoint(self.best_path), self.config))
+            self.log(f"resuming {self.setup.out_dir} at epoch {self.first_epoch}, step {self.step} "
+                     f"(MLflow run {run_id})")
+        elif run_id:
+            self.log(f"resuming {self.setup.out_dir} from the start, killed before its first checkpoint "
+                     f"(MLflow run {run_id})")
+        self.clock.start(self.step, spent_s)
+
+    def start_tracking(self, run_id, parent_run_id, extra_tags):
+        """Create (or reopen) the MLflow run, recorded in the run folder the moment it exists; the progress bar."""
+        out, config = self.setup.out_dir, self.config
+        self.run_id = self.tracker.start(config, self.setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
+                                         extra_tags=extra_tags,
+                                         on_created=lambda new: run_folder.write_record(out, new, to_yaml(config)))
+        self.bar = tqdm(total=self.train_step.total_steps, initial=self.step, desc=config.run_name, mininterval=1,
+                        disable=None if self.main else True)  # one bar per process group
+        self.clock.start(self.step, self.clock.spent_s)
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def train_epoch(self, epoch):
+        """The epoch's optimizer steps, a loss window logged every train.log_every; True when the step count or
+        the time budget ends the run within it."""
+        tc, train_step = self.config.train, self.train_step
+        train_step.start_epoch(epoch)
+        self.epoch_started_s = self.clock.spent_s
+        for i in range(train_step.steps_per_epoch):
+            train_step(i, self.step + 1)
+            self.step += 1
+            self.window_images += train_step.images_per_step
+            self.bar.update()
+            last = self.step >= train_step.total_steps or self.clock.out_of_time
+            log_now = self.step % tc.log_every == 0 or last
+            # a NaN stops the run at once on CPU, where a readback is free; on GPU every log_every steps
+            if log_now or self.setup.device.type == "cpu":
+                window = train_step.read_window()
+                self.stop_if_not_finite(window)
+            if log_now:
+                self.log_window(window, epoch)
             if last:
-                break
-        bar.close()
-        if not main:
-            status = "FINISHED"
-            return {"run_id": None, "steps": step}
-        summary = finish(setup, tracker, best_path, best_acc, step)
-        tracker.flush()  # every score is stored before the checkpoint says the run is finished
-        save_checkpoint({**load_checkpoint(latest), "finished": True, "summary": summary}, latest)
-        status = "FINISHED"
+                return True
+        return False
+
+    def stop_if_not_finite(self, window):
+        if window.first_nonfinite is not None or not math.isfinite(window.loss):
+            bad = window.first_nonfinite or self.step
+            error = NonFiniteLoss(self.setup.config_path, f"loss became {window.loss} at step {bad} (last good "
+                                  f"checkpoint: {self.latest if self.latest.exists() else 'none'})", bad)
+            self.tracker.set_tags({"failed_step": bad, "failure": str(error)})
+            raise error
+
+    def log_window(self, window, epoch):
+        evaluator_ready(self.setup.evaluator)  # one trained beside gives its threads back when done
+        images_per_s = self.window_images / max(time.perf_counter() - self.window_start, 1e-9)
+        self.tracker.log_metrics({"loss": window.loss, "lr": self.train_step.opt.lr_schedule.get_last_lr()[0],
+                                  "epoch": epoch, "images_per_s": images_per_s, **window.quartiles}, self.step)
+        self.bar.set_postfix(loss=f"{window.loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+        self.train_step.reset_window()
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def end_of_epoch(self, epoch, last):
+        """Validate when due, save the resume state; True when the run ends here."""
+        paused = time.perf_counter()  # images_per_s counts training steps only, not what follows
+        if self.main and ((epoch + 1) % self.config.eval.every_epochs == 0 or last):
+            self.validate_if_worthwhile(epoch, last)
+        if self.config.train.max_minutes and not last:
+            # the validation's minutes count: when they spent the budget, stop here rather than one step on
+            # (which would validate again); every process ticks, so all stop at the same step
+            self.clock.tick(self.step, agree=self.train_step.agree)
+            last = self.clock.out_of_time
+        if self.main and ((epoch + 1) % self.config.train.checkpoint_every == 0 or last):
+            self.tracker.flush()  # metrics up to this step are stored before the state a resume starts from
+            save_latest(self.train_step, self.step, epoch + 1, self.best_score, self.run_id, self.latest)
+        parallel.barrier()  # the others wait while the main process evaluates and saves
+        self.window_start += time.perf_counter() - paused
+        return last
+
+    def validate_if_worthwhile(self, epoch, last):
+        """A validation, unless the final one follows within half an interval (at this epoch's pace: on a GPU the
+        first epoch holds minutes of compilation) or the evaluator still trains beside."""
+        half = self.config.eval.every_epochs / 2
+        final_is_near = self.clock.ends_within(half * self.train_step.steps_per_epoch,
+                                               half * (self.clock.spent_s - self.epoch_started_s))
+        if not last and final_is_near:
+            self.bar.write(f"step {self.step}: no validation, the final one follows within half an interval")
+        elif not last and not evaluator_ready(self.setup.evaluator):
+            self.bar.write(f"step {self.step}: no validation yet, the evaluator still trains beside")
+        else:
+            if self.reference_features is None:
+                self.reference_features = real_features(self.setup)
+            # minutes of this run's clock (training and validations, resumed runs' stops left out)
+            self.tracker.log_metrics({"train_minutes": self.clock.spent_s / 60}, self.step)
+            metrics = validate_and_keep_best(self.train_step.sampling_model(), self.setup, self.tracker,
+                                             self.reference_features, self.step, self.best_score, self.best_path,
+                                             self.bar.write)
+            self.best_score = max(metrics[self.config.eval.select_by], self.best_score)
+            if self.on_validation is not None:
+                self.on_validation(self.step, epoch + 1, metrics)  # may raise Stop (a pruned trial)
+
+    def finish(self):
+        """The best checkpoint scored once on the test splits; the run marked finished in latest.pt."""
+        self.bar.close()
+        if not self.main:
+            return {"run_id": None, "steps": self.step}
+        summary = score_best_checkpoint(self.setup, self.tracker, self.best_path, self.step)
+        self.tracker.flush()  # every score is stored before the checkpoint says the run is finished
+        save_checkpoint({**load_checkpoint(self.latest), "finished": True, "summary": summary}, self.latest)
         return summary
-    except (Stop, KeyboardInterrupt):
-        status = "KILLED"
-        raise
-    except NonFiniteLoss as e:
-        tracker.set_tags({"failed_step": e.step, "failure": str(e)})
-        raise
-    finally:
-        if tracker.run_id:  # never leave a run RUNNING; a rerun reopens it and resumes
-            tracker.end(status)
 
 
-def validation(model, setup, tracker, reference_features, step, best_acc, best_path, write=print):
-    """Sample with `model` (the EMA weights), log the metrics, a grid and a strip, keep it as best.pt when it
-    beats `best_acc`; its validation accuracy."""
-    metrics, images = validate(model, setup, reference_features, step)
-    acc = metrics["val_accuracy"]
+def validate_and_keep_best(model, setup, tracker, reference_features, step, best_score, best_path, write=print):
+    """Sample with `model` (the EMA weights), log the metrics, a grid with the strict judge's verdicts and a
+    strip, keep it as best.pt when its `eval.select_by` beats `best_score`; returns its metrics."""
+    select_by = setup.config.eval.select_by
+    metrics, images, verdicts = validation_metrics(model, setup, reference_features, step, write)
     tracker.log_metrics(metrics, step)
-    tracker.log_image(grid_image(images, setup.val_labels, setup), "val_samples", step)
+    tracker.log_image(grid_image(images, setup.val_labels, setup, verdicts), "val_samples", step)
     strip = strip_image(model, setup, setup.config.seed)
     if strip is not None:
         tracker.log_image(strip, "denoising_strip", step)
-    if acc > best_acc:
+    score = metrics[select_by]
+    if score > best_score:
         save_checkpoint({"model": model.state_dict(), "config": to_yaml(setup.config), "step": step,
-                         "val_accuracy": acc, "val_metrics": metrics}, best_path)
-    write(f"step {step}: val accuracy {acc:.3f} ± {metrics['val_accuracy_std']:.3f} over "
-          f"{setup.config.eval.val_seeds} seeds (best {max(acc, best_acc):.3f}), kid {metrics['val_kid']:.4f}, "
-          f"fd {metrics['val_fd']:.1f}")
-    return acc
+                         "val_metrics": metrics}, best_path)
+    exact = (f", exact scenes {metrics['val_exact_accuracy']:.3f} ± {metrics['val_exact_accuracy_std']:.3f}"
+             if "val_exact_accuracy" in metrics else "")
+    write(f"step {step}: val accuracy {metrics['val_accuracy']:.3f} ± {metrics['val_accuracy_std']:.3f}{exact} over "
+          f"{setup.config.eval.val_seeds} seeds (best {select_by} {max(score, best_score):.3f}), "
+          f"kid {metrics['val_kid']:.4f}, fd {metrics['val_fd']:.1f}")
+    return metrics
+
+
+def selection_score(best_state, config):
+    """What a saved best.pt scored on the validation metric that chose it."""
+    return best_state["val_metrics"][config.eval.select_by]
 
 
 def rescore(setup, tracker, trained, run_id, extra_tags, log):
@@ -315,48 +363,50 @@ def rescore(setup, tracker, trained, run_id, extra_tags, log):
     log(f"{config.run_name}: trains what MLflow run {trained_id} trained (only sampling or scoring differ); "
         f"sampling its {checkpoint} instead of training again")
     run_folder.announce(out)
-    status = "FAILED"
-    try:
+    with tracker.lifetime():
         run_id = tracker.start(config, setup.config_path, run_id=run_id, extra_tags={**(extra_tags or {}),
                                "trained_by": trained_id},
                                on_created=lambda new_id: run_folder.write_record(out, new_id, to_yaml(config)))
         state = load_checkpoint(checkpoint)
         setup.model.load_state_dict(state["model"])
-        acc = validation(setup.model, setup, tracker, real_features(setup), state["step"], -1.0, out / "best.pt", log)
-        summary = finish(setup, tracker, out / "best.pt", acc, state["step"])
+        validate_and_keep_best(setup.model, setup, tracker, real_features(setup), state["step"], -math.inf,
+                               out / "best.pt", log)
+        summary = score_best_checkpoint(setup, tracker, out / "best.pt", state["step"])
         tracker.flush()
         save_checkpoint({"finished": True, "summary": summary, "config": to_yaml(config), "run_id": run_id},
                         out / "latest.pt")
-        status = "FINISHED"
         return summary
-    finally:
-        if tracker.run_id:
-            tracker.end(status)
 
 
-def validate(model, setup, reference_features, step):
-    """Validation over eval.val_seeds sampling seeds: the mean accuracy (it selects best.pt) and its spread,
-    the binding errors of the misses per true label, KID and FD over all samples, seconds per sample.
-    Returns (metrics, the first seed's images)."""
+def validation_metrics(model, setup, reference_features, step, write=print):
+    """Validation over eval.val_seeds sampling seeds: each judge's figures (lab.eval.Judgement.metrics) as the
+    mean over the seeds and its spread, the binding errors of the course rule's misses per true label, KID and FD
+    over all samples, seconds per sample, and how many samples were not finite (misses; then KID and FD are
+    NaN). Returns (metrics, the first seed's images, their verdicts or None)."""
     labels, seeds = setup.val_labels, setup.config.eval.val_seeds
-    accuracies, errors, images = [], {}, []
+    judgements, errors, images = [], {}, []
     started = time.perf_counter()
     for k in range(seeds):
         batch = generate(model, labels, setup, seed=setup.config.seed + 1_000 * k,
                          desc=f"validation at step {step}, seed {k + 1}/{seeds}")
-        probs = setup.evaluator.predict(for_evaluator(batch))
-        accuracies.append(course_accuracy(probs, labels.cpu()))
-        for kind, count in binding_errors(probs, labels.cpu(), setup.label_names).items():
+        judged = judge_samples(batch, labels, setup.evaluator, setup.strict_judge)
+        for kind, count in binding_errors(judged.probs[judged.finite], labels.cpu()[judged.finite],
+                                          setup.label_names).items():
             errors[kind] = errors.get(kind, 0) + count
+        judgements.append(judged)
         images.append(batch)
     sample_s = (time.perf_counter() - started) / (seeds * len(labels))
-    features = setup.evaluator.features(for_evaluator(torch.cat(images)))
+    broken = nonfinite(judgements)
+    features = torch.cat([judged.features for judged in judgements]) if not broken else torch.full((1, 1), math.nan)
+    if broken:
+        write(f"warning: {broken} of {seeds * len(labels)} validation samples at step {step} were not finite: "
+              "counted as misses; KID and FD are NaN")
     true_labels = float(labels.sum()) * seeds
-    metrics = {"val_accuracy": float(np.mean(accuracies)), "val_accuracy_std": float(np.std(accuracies)),
-               **{f"val_{kind}": errors[kind] / true_labels for kind in BINDING_ERRORS},
+    metrics = {**over_seeds(judgements, "val_"), **{f"val_{kind}": errors[kind] / true_labels for kind in BINDING_ERRORS},
                "val_kid": kernel_distance(features, reference_features),
-               "val_fd": frechet_distance(features, reference_features), "sample_s_per_image": sample_s}
-    return metrics, images[0]
+               "val_fd": frechet_distance(features, reference_features), "sample_s_per_image": sample_s,
+               "nonfinite_samples": broken}
+    return metrics, images[0], judgements[0].verdicts
 
 
 def real_features(setup, count=2048):
@@ -365,28 +415,26 @@ def real_features(setup, count=2048):
     return setup.evaluator.features(for_evaluator(normalize(setup.data.images[idx])))
 
 
-def save_latest(train_step, step, epochs_done, best_acc, run_id, path):
+def save_latest(train_step, step, epochs_done, best_score, run_id, path):
     """The resume state: weights, optimiser, schedule, EMA, RNG, where the run stands."""
     save_checkpoint({**train_step.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
                      "spent_s": train_step.opt.clock.spent_s,
-                     "epoch": epochs_done, "best_acc": best_acc, "run_id": run_id,
+                     "epoch": epochs_done, "best_score": best_score, "run_id": run_id,
                      "config": to_yaml(train_step.config)}, path)
 
 
-def finish(setup, tracker, best_path, best_acc, step):
-    """Score the best checkpoint once on the test splits; log the scores, the binding errors of the validation
-    that chose it (best_val_wrong_colour, ...) and the checkpoint."""
+def score_best_checkpoint(setup, tracker, best_path, step):
+    """Score the best checkpoint once on the test splits; log the scores, the figures of the validation that
+    chose it (best_val_accuracy, best_val_exact_accuracy, best_val_wrong_colour, ...) and the checkpoint."""
     state = load_checkpoint(best_path)
     model, _ = model_from_checkpoint(state, best_path, setup.device)
     scores = score_splits(model, setup, setup.config.eval.final_seeds,
                           log_grid=lambda image, key: tracker.log_image(image, key, step))
-    chosen = state.get("val_metrics", {})  # absent from best.pt files saved before it was recorded
-    metrics = {"best_val_accuracy": best_acc,
-               **{f"best_val_{kind}": chosen[f"val_{kind}"] for kind in BINDING_ERRORS if f"val_{kind}" in chosen}}
-    for name, (mean, std, _) in scores.items():
-        stem = Path(name).stem
-        metrics[f"{stem}_accuracy"] = mean
-        metrics[f"{stem}_accuracy_std"] = std
+    chosen = state["val_metrics"]
+    metrics = {f"best_{key}": value for key, value in chosen.items()
+               if key.startswith("val_") and not key.endswith("_std") and key not in ("val_kid", "val_fd")}
+    for name, split_metrics in scores.items():
+        metrics.update({f"{Path(name).stem}_{key}": value for key, value in split_metrics.items()})
     tracker.log_metrics(metrics, step)
     tracker.log_artifact(best_path, "checkpoints")
     # the machine as the run ends: a resumed run's last one, with every thread (an evaluator trained beside

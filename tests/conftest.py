@@ -24,6 +24,25 @@ def fault_rng():
     return random.Random(seed)
 
 
+def working_tree_files():
+    """Files in the checkout outside git's index, ignored ones too (mlruns/, mlflow.db, runs/), but for
+    bytecode and the installed environment: what a test may never leave behind."""
+    root = Path(__file__).parent.parent
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--ignored", "--directory"],
+                            cwd=root, capture_output=True, text=True).stdout.split()
+    ordinary = ("__pycache__", ".venv", ".pytest_cache", ".cache", ".whl", ".egg-info", ".hypothesis")
+    return {path for path in listed if not any(part in path for part in ordinary)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_nothing_into_the_working_tree():
+    """The suite's own check: after every test, the checkout holds no file it did not hold before."""
+    before = working_tree_files()
+    yield
+    left = working_tree_files() - before
+    assert not left, f"tests left files in the working tree: {sorted(left)}"
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets the session's private cache folder, never the user's ~/.cache."""

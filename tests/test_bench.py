@@ -5,25 +5,26 @@ import math
 import pytest
 
 import bench
+from lab.benchmark import parse_sampler, quick_overrides
 from lab.config import load_config
 from lab.errors import UserError
 
 
 def test_quick_overrides_resolve_against_base(tmp_path, experiments_dir):
-    overrides = bench.quick_overrides(tmp_path / "root", tmp_path / "e.pth", tmp_path)
+    overrides = quick_overrides(tmp_path / "root", tmp_path / "e.pth", tmp_path)
     config = load_config(experiments_dir / "base.yaml", overrides)
     assert (config.model.unet, config.data.image_size, config.train.batch_size) == ("tiny", 32, 8)
     assert config.diffusion.num_train_timesteps == 100 and config.eval.evaluator == str(tmp_path / "e.pth")
 
 
 def test_sampler_names():
-    assert bench.parse_sampler("ddpm") == ("ddpm", None)
-    assert bench.parse_sampler("ddim-50") == ("ddim", 50)
-    assert bench.parse_sampler("dpmsolver++-20") == ("dpmsolver++", 20)
-    assert bench.parse_sampler("ddpm-1000") == ("ddpm", 1000)  # checked against num_train_timesteps later
+    assert parse_sampler("ddpm") == ("ddpm", None)
+    assert parse_sampler("ddim-50") == ("ddim", 50)
+    assert parse_sampler("dpmsolver++-20") == ("dpmsolver++", 20)
+    assert parse_sampler("ddpm-1000") == ("ddpm", 1000)  # checked against num_train_timesteps later
     for bad in ("ddim", "ddim-0", "euler-20", "ddim-x"):
         with pytest.raises(UserError):
-            bench.parse_sampler(bad)
+            parse_sampler(bad)
 
 
 def _positive(value):
@@ -36,7 +37,8 @@ def test_cpu_smoke_run(tmp_path, capsys):
     assert bench.main(["--device", "cpu", "--steps", "2", "--warmup", "1", "--val-sets", "2",
                        "--log-events", "3", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    for heading in ("(a) training", "(b) peak GPU memory", "(c) sampling", "(d) MLflow logging", "targets",
+    for heading in ("(a) training", "(b) peak GPU memory", "(c) sampling", "(d) MLflow logging",
+                    "(e) the fast path's share of the machine", "step / bf16", "step / fp32", "targets",
                     "fast / reference:", "SHRUNK SMOKE RUN"):
         assert heading in printed
     for name in ("ddpm-100", "ddim-50", "ddim-100", "dpmsolver++-20"):
@@ -47,7 +49,10 @@ def test_cpu_smoke_run(tmp_path, capsys):
     assert progress.count(" images/s, ") == 2 and "ddpm-100 guidance 2: " in progress
 
     results = json.loads(out.read_text())
-    assert set(results) == {"meta", "training", "memory", "sampling", "logging", "targets"}
+    assert set(results) == {"meta", "training", "memory", "sampling", "logging", "machine_share", "targets"}
+    share = results["machine_share"]
+    assert all(_positive(share[k]) for k in ("gflop_per_image", "step_gflop_per_s", "matmul_bf16_gflop_per_s",
+                                              "matmul_fp32_gflop_per_s", "share_of_bf16", "share_of_fp32"))
     meta = results["meta"]
     assert meta["shrunk"] and meta["device"] == "cpu" and meta["torch"] and meta["diffusers"] and meta["date"]
     assert meta["command"].startswith("python bench.py") and "model.unet=tiny" in meta["overrides"]

@@ -242,8 +242,9 @@ def test_user_errors_are_one_line(store_uri, capsys, tmp_path, argv, message):
 
 def fake_scores(calls):
     def score(path, seeds=None, device=None):
-        calls.append((path, Path(path).read_bytes(), seeds))
-        return {"test.json": (0.7, 0.02, [0.68, 0.7, 0.72, 0.7]), "new_test.json": (0.6, 0.01, [0.6] * 4)}
+        calls.append((str(path), Path(path).read_bytes(), seeds))
+        return {"test.json": {"accuracy": 0.7, "accuracy_std": 0.02},
+                "new_test.json": {"accuracy": 0.6, "accuracy_std": 0.01}}, seeds or 1
     return score
 
 
@@ -258,7 +259,8 @@ def test_final_test_scores_the_chosen_checkpoint_and_logs_to_its_run(store, stor
         f"final test scores of {ids[BEST_RUN]} ({BEST_RUN}) over 4 sampling seeds:",
         "  test.json      0.700 ± 0.020",
         "  new_test.json  0.600 ± 0.010",
-        f"logged to MLflow run {ids[BEST_RUN]} as final_test_accuracy, final_new_test_accuracy (and _std)"]
+        f"logged to MLflow run {ids[BEST_RUN]} as final_test_accuracy, final_new_test_accuracy (and the other "
+        "figures, _std)"]
     client = MlflowClient(store_uri)
     run = client.get_run(ids[BEST_RUN])
     assert {k: v for k, v in run.data.metrics.items() if k.startswith("final_")} == {

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lab.data import load_condition_sets, load_objects, load_train, normalize, to_uint8
 from lab.data import iclevr
+from lab.data.iclevr import load_condition_sets, load_train, normalize, to_uint8
+from lab.data.labels import load_objects
 from lab.data.synthetic import LABELS, write_root
 from lab.errors import UserError
 
@@ -56,7 +57,7 @@ def test_label_maps_show_each_images_objects_where_they_are_drawn(tiny_root, tmp
     from lab.data.render import render_scene
     from lab.data.synthetic import GROUND, label_maps
     data = load_train(tiny_root, cache_dir=tmp_path)
-    maps = label_maps(tiny_root, workers=1)
+    maps = torch.from_numpy(label_maps(tiny_root, workers=1))
     assert maps.shape == (len(data.names), 64, 64) and maps.dtype == torch.uint8
     for image_labels, image_map in zip(data.labels, maps):
         assert set(image_map.unique().tolist()) - {GROUND} == set(image_labels.nonzero().flatten().tolist())

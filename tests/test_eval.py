@@ -185,7 +185,7 @@ def test_batches_keep_an_epoch_order_and_revisit_the_images_it_got_wrong():
 
 
 def test_train_evaluator_writes_the_course_format_and_learns(tiny_root, tmp_path, capsys):
-    from lab.eval import main
+    from lab.evaluator_cli import main
     from lab.evaluator_training import train_evaluator
     log = []
     recipe = {"phases": [[32, 64, 2e-3], [64, 32, 1e-3]], "batch_size": 16, "extra_scenes": 0,
@@ -202,8 +202,9 @@ def test_train_evaluator_writes_the_course_format_and_learns(tiny_root, tmp_path
     printed = capsys.readouterr().out.splitlines()
     cases = ("1-3 objects, 64x64", "1-3 objects, 32->64", "1-3 objects, 32->64 PIL", "4-5 objects, 64x64",
              "4-5 objects, 32->64")
-    assert [line.split(":")[0] for line in printed[-5:]] == [f"held-out accuracy {case}" for case in cases]
-    assert "on 12 fresh images (misses: " in printed[-5] and "wrong colour" in printed[-5]
+    assert [line.split(":")[0] for line in printed[-6:-1]] == [f"held-out accuracy {case}" for case in cases]
+    assert "on 12 fresh images (misses: " in printed[-6] and "wrong colour" in printed[-6]
+    assert printed[-1] == "strict judge: none (this evaluator has no count head)"
 
 
 def test_evaluator_training_is_an_mlflow_run_of_its_own(tiny_root, tmp_path, monkeypatch, capsys):
@@ -212,14 +213,16 @@ def test_evaluator_training_is_an_mlflow_run_of_its_own(tiny_root, tmp_path, mon
     from mlflow.tracking import MlflowClient
 
     from lab import evaluator_training
-    from lab.eval import main
+    from lab.evaluator_cli import main
     monkeypatch.setitem(evaluator_training.RECIPE, "extra_scenes", 0)
     monkeypatch.setitem(evaluator_training.RECIPE, "batch_size", 8)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "ours.pth"
     assert main(["train", "--root", str(tiny_root), "--out", str(out), "--phases", "32:320:2e-3,64:16:1e-3",
                  "--scenes", "4", "--tracking-uri", uri]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("held-out accuracy 4-5 objects, 32->64: ")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2].startswith("held-out accuracy 4-5 objects, 32->64: ")
+    assert printed[-1] == "strict judge: none (this evaluator has no count head)"  # the tiny root repeats no label
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("evaluator").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(out)
@@ -235,14 +238,14 @@ def test_evaluator_training_is_an_mlflow_run_of_its_own(tiny_root, tmp_path, mon
 
 def test_the_cache_key_changes_with_the_recipe(tiny_root, monkeypatch):
     from lab import evaluator_training
-    from lab.eval import default_evaluator_path
+    from lab.evaluator_cache import default_evaluator_path
     before = default_evaluator_path(tiny_root)
     monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[64, 1, 1e-3]])
     assert default_evaluator_path(tiny_root) != before
 
 
 def test_bench_prints_both_layer4_paths_side_by_side(capsys):
-    from lab.eval import main
+    from lab.evaluator_cli import main
     assert main(["bench", "--batch-sizes", "2", "3", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("evaluator training step, ") and "oneDNN images/s" in lines[1] and "ratio" in lines[1]
@@ -251,7 +254,7 @@ def test_bench_prints_both_layer4_paths_side_by_side(capsys):
 
 
 def test_bad_phases_fail_in_one_line(capsys):
-    from lab.eval import main
+    from lab.evaluator_cli import main
     assert main(["train", "--phases", "32:100"]) == 1
     assert capsys.readouterr().err.strip() == ("error: --phases: expected SIZE:IMAGES:LR,... with sizes >= 16, "
                                                "images >= 1 and 0 < lr < 1, got '32:100'")
@@ -290,15 +293,15 @@ def test_a_trained_evaluator_loads_the_course_way_and_judges_both_resolutions(tm
 
 def test_a_damaged_cached_evaluator_is_trained_again_with_a_notice(tiny_root, monkeypatch, capsys):
     from lab import eval as evaluation
-    from lab import evaluator_training
+    from lab import evaluator_cache, evaluator_training
     monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[32, 60, 1e-3]])
     monkeypatch.setitem(evaluator_training.RECIPE, "extra_scenes", 0)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_root.parent / 'evaluator-mlflow.db'}")
     monkeypatch.setattr(evaluator_training, "heldout_check", lambda path, scenes, device: {})
-    path = evaluation.default_evaluator_path(tiny_root)
+    path = evaluator_cache.default_evaluator_path(tiny_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"half a checkpoint")
-    evaluator = evaluation.ensure_evaluator(tiny_root)
+    evaluator = evaluator_cache.ensure_evaluator(tiny_root)
     assert isinstance(evaluator, evaluation.Evaluator)
     assert "not a readable evaluator checkpoint" in capsys.readouterr().err
     assert evaluation.load_evaluator(path) is not None  # the cache now holds a good one

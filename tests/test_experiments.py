@@ -78,7 +78,7 @@ def test_every_seed_keeps_the_callers_tags(monkeypatch):
     import run_experiment
     from lab import build, trainer
     seen = []
-    monkeypatch.setattr(build, "prepare", lambda config, config_path, device=None: config)
+    monkeypatch.setattr(build, "prepare", lambda config, config_path, device=None, fresh=False: config)
     monkeypatch.setattr(trainer, "train", lambda config, **options: seen.append((config.run_name, options["extra_tags"])))
     run_experiment.run(load_config(EXPERIMENTS / "base.yaml"), "base.yaml", seeds=[0, 1, 2], extra_tags={"sweep": "x"})
     assert seen == [(f"base-seed{k}", {"group": "base", "sweep": "x"}) for k in range(3)]
@@ -148,12 +148,12 @@ def test_a_budget_spent_by_a_validation_ends_the_run_there(tiny_experiment, monk
     import time
 
     from lab import trainer
-    validation = trainer.validation
+    validation = trainer.validate_and_keep_best
 
     def slow_validation(*args, **kwargs):
         time.sleep(7)  # more than the whole 6-second budget
         return validation(*args, **kwargs)
-    monkeypatch.setattr(trainer, "validation", slow_validation)
+    monkeypatch.setattr(trainer, "validate_and_keep_best", slow_validation)
     assert main([str(tiny_experiment), "--set", "train.max_minutes=0.1", "--set", "eval.every_epochs=1"]) == 0
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
@@ -175,9 +175,9 @@ def test_under_a_budget_the_final_validation_is_judged_at_the_last_epochs_pace(t
     final one: on the H100 base.yaml left out its only one, 500 steps before the end."""
     from types import SimpleNamespace
 
-    from lab import build, trainer
+    from lab import schedules, trainer
     now = [0.0]
-    monkeypatch.setattr(build, "time", SimpleNamespace(perf_counter=lambda: now[0]))  # the run's clock only
+    monkeypatch.setattr(schedules, "time", SimpleNamespace(perf_counter=lambda: now[0]))  # the run's clock only
     one_step = trainer.TrainStep.__call__
 
     def timed_step(self, i, step):
@@ -197,7 +197,7 @@ def evaluator_to_train(tiny_root, monkeypatch):
     import torch
 
     from lab import evaluator_training
-    from lab.eval import default_evaluator_path
+    from lab.evaluator_cache import default_evaluator_path
     if torch.get_num_threads() < 2:
         pytest.skip("the evaluator trains beside the generator only with 2 threads or more")
     monkeypatch.setitem(evaluator_training.RECIPE, "phases", [[32, 160, 1e-3]])
@@ -233,7 +233,8 @@ def test_an_evaluator_still_to_train_trains_beside_the_generator(tiny_experiment
 def test_an_evaluator_in_training_is_shared_by_the_runs_of_one_process(tiny_root, evaluator_to_train, tmp_workdir):
     """A sweep's trials run in one process: when a trial fails while the evaluator trains beside it, the next
     trial waits for that same child instead of training a second evaluator; once written, it is the cache."""
-    from lab.eval import Evaluator, EvaluatorInTraining, ensure_evaluator
+    from lab.eval import Evaluator
+    from lab.evaluator_cache import EvaluatorInTraining, ensure_evaluator
     path, threads = evaluator_to_train
     first = ensure_evaluator(tiny_root, beside=True)
     assert isinstance(first, EvaluatorInTraining) and ensure_evaluator(tiny_root, beside=True) is first
@@ -246,7 +247,7 @@ def test_an_evaluator_that_fails_beside_the_generator_fails_the_run_in_one_line(
     import torch
 
     from lab import evaluator_training
-    from lab.eval import default_evaluator_path
+    from lab.evaluator_cache import default_evaluator_path
     _, threads = evaluator_to_train
     monkeypatch.setitem(evaluator_training.RECIPE, "batch_size", 0)  # the child's training raises
     path = default_evaluator_path(tiny_root)
@@ -284,32 +285,30 @@ def test_a_time_budget_anneals_the_learning_rate_to_zero_and_survives_a_resume(m
 
     import torch
 
-    from lab import build
+    from lab import build, schedules
     now = [100.0]
-    monkeypatch.setattr(build.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(schedules.time, "perf_counter", lambda: now[0])
     config = load_config(EXPERIMENTS / "quickstart.yaml", ["train.warmup_steps=0", "train.lr_schedule=cosine"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    clock = build.Clock(total_steps=1000, budget_minutes=1)
-    schedule = build.lr_schedule(config, optimizer, clock)
+    clock = schedules.Clock(total_steps=1000, budget_minutes=1)
+    schedule = build.make_lr_schedule(config, optimizer, clock)
     clock.start()
     lrs = []
     for step, seconds in ((1, 15), (2, 30), (3, 60)):
         now[0] = 100 + seconds
         optimizer.step()
-        # one process: the clock never reads a device tensor back (a host sync per step on a GPU), and a
-        # meta tensor cannot be read back at all
-        clock.tick(step, torch.device("meta"))
+        clock.tick(step)
         schedule.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.0], abs=1e-9)
     assert clock.out_of_time
-    resumed = build.Clock(total_steps=1000, budget_minutes=1)
+    resumed = schedules.Clock(total_steps=1000, budget_minutes=1)
     resumed.start(step=2, spent_s=30.0)  # what latest.pt held
     now[0] += 15
-    resumed.tick(3, torch.device("cpu"))
+    resumed.tick(3)
     assert resumed.fraction == pytest.approx(0.75) and not resumed.out_of_time
-    by_steps = build.Clock(total_steps=10)  # no budget: the share of the steps
-    by_steps.tick(5, torch.device("cpu"))
+    by_steps = schedules.Clock(total_steps=10)  # no budget: the share of the steps
+    by_steps.tick(5)
     assert by_steps.fraction == 0.5 and not by_steps.out_of_time
 
 

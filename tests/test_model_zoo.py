@@ -6,7 +6,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from lab.errors import UserError
-from lab.model_zoo import CONDITIONING, UNETS, ConditionalUNet, build_model, guided_prediction
+from lab.conditioning import ConditionalUNet, guided_prediction
+from lab.model_zoo import CONDITIONING, UNETS, build_model
 
 STYLES = list(CONDITIONING)
 

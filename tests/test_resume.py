@@ -90,6 +90,40 @@ def test_sigkills_then_rerun_give_bitwise_identical_weights_and_one_run(write_co
     assert not (folder / "lock").exists() and not list(folder.glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_kill_drill_ends_in_one_finished_run_with_the_uninterrupted_weights(write_config, fault_rng, tmp_path):
+    """SIGKILL at seeded random moments of the run's length (training, saving, validation, final scoring), rerun
+    until it finishes: one FINISHED MLflow run for the name, no other, and bitwise the weights of a run never
+    interrupted."""
+    rng = fault_rng
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    straight, killed = write_config(tmp_path / "straight"), write_config(tmp_path / "killed")
+    started = time.monotonic()
+    out, _ = run(straight.parent, straight, env).communicate(timeout=600)
+    length = time.monotonic() - started
+    kills = 0
+    while True:
+        process = run(killed.parent, killed, env)
+        try:
+            out, _ = process.communicate(timeout=rng.uniform(0.3, 1.0) * length)
+            break  # it finished before this kill
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            kills += 1
+        assert kills < 12, "the run never finished"
+    assert process.returncode == 0, out
+    assert kills >= 1
+    a, b = (load_checkpoint(folder / "runs/tiny/latest.pt") for folder in (straight.parent, killed.parent))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]
+                   if isinstance(a[key][name], torch.Tensor)), key
+    client = mlflow.MlflowClient(f"sqlite:///{killed.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("tiny", "FINISHED")]
+    print(f"{kills} kills; the run takes {length:.0f} s uninterrupted")
+
+
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     path = tmp_path / "latest.pt"
     save_checkpoint({"step": torch.tensor(1)}, path)

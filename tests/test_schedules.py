@@ -1,13 +1,14 @@
-"""lab.diffusion and lab.sampling: schedules x prediction types, samplers sharing the training betas, the one sample() entry point
+"""lab.schedules, lab.diffusion and lab.sampling: schedules x prediction types, samplers sharing the training betas, the one sample() entry point
 (shape, range, determinism, callbacks), denoising strips and errors. Tiny UNet at 32x32 on CPU."""
 
 import pytest
 import torch
 
 from lab.errors import UserError
+from lab.diffusion import loss_weights, training_target
 from lab.model_zoo import build_model
-from lab.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, loss_weights, make_noise_scheduler, training_target
-from lab.sampling import SAMPLERS, denoising_strip, make_sampler, sample
+from lab.sampling import denoising_strip, sample
+from lab.schedules import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, make_noise_scheduler, make_sampler
 
 LABELS = torch.zeros(2, 24)
 LABELS[0, [3, 11]] = 1

@@ -142,11 +142,9 @@ def test_bad_storages_are_one_line(tmp_path):
 
 def test_the_dashboard_opens_a_storage_no_sweep_has_used_yet(tmp_path, monkeypatch, capsys):
     """`python -m lab.dashboard` before the first sweep: an empty study list, not optuna-dashboard's traceback."""
-    import optuna_dashboard
-
     from lab import dashboard
     served = []
-    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port: served.append((storage, host, port)))
+    monkeypatch.setattr(dashboard, "run_server", lambda storage, host, port: served.append((storage, host, port)))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert dashboard.main([url]) == 0
     assert served[0][1:] == ("127.0.0.1", 8080) and isinstance(served[0][0], optuna.storages.RDBStorage)
@@ -199,11 +197,11 @@ def tiny_sweep(tiny_sweep_base, tmp_workdir, tmp_path, monkeypatch):
     tiny_sweep_base("tiny-sweep", epochs=2)
     prepare = build.prepare
 
-    def prepare_with_known_accuracies(config, config_path, device=None):
+    def prepare_with_known_accuracies(config, config_path, device=None, fresh=False):
         values, calls = ACCURACIES[int(config.run_name.rsplit("trial", 1)[1])], count()
         if isinstance(values, Exception):
             raise values
-        setup = prepare(config, config_path, device)
+        setup = prepare(config, config_path, device, fresh)
 
         def accuracy(images, labels):
             return values[min(next(calls), len(values) - 1)]  # validations first, then the test split
@@ -213,9 +211,9 @@ def tiny_sweep(tiny_sweep_base, tmp_workdir, tmp_path, monkeypatch):
     def validate_with_known_accuracies(model, setup, reference_features, step):
         metrics, images = validate(model, setup, reference_features, step)
         return {**metrics, "val_accuracy": setup.evaluator.accuracy(images, setup.val_labels)}, images
-    validate = trainer.validate
+    validate = trainer.validation_metrics
     monkeypatch.setattr(build, "prepare", prepare_with_known_accuracies)
-    monkeypatch.setattr(trainer, "validate", validate_with_known_accuracies)
+    monkeypatch.setattr(trainer, "validation_metrics", validate_with_known_accuracies)
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
     threads = torch.get_num_threads()

@@ -1,38 +1,30 @@
-"""python -m lab.data render|sheet|info: make, look at and check i-CLEVR data roots."""
+"""python -m lab.data prepare|render|sheet|info: make ready, make, look at and check i-CLEVR data roots."""
 import argparse
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from lab.data.iclevr import decode, load_condition_sets, load_train, normalize
+from lab.data.labels import load_objects, read_train_table
+from lab.data.prepare import prepare_root
+from lab.data.synthetic import write_root
 from lab.errors import UserError, reports_user_errors
+from lab.grids import labelled_grid
 
 
 def contact_sheet(root, out, count=24, columns=6):
-    """A PNG grid of training renders, each titled with its labels, so a person can see the data."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from lab.data.iclevr import read_json
-    table = read_json(Path(root) / "train.json")
-    names = list(table)[:count]
-    rows = -(-len(names) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, name in zip(axes.flat, names):
-        with Image.open(Path(root) / "iclevr" / name) as img:
-            ax.imshow(img.convert("RGB"))
-        ax.set_title("\n".join(table[name]), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    """A PNG grid of training images at 128 pixels, each captioned with its labels, so a person can see the data."""
+    names, indices = read_train_table(root)
+    label_names = load_objects(root)
+    images = torch.stack([torch.from_numpy(decode(Path(root) / "iclevr" / name, 128)) for name in names[:count]])
+    captions = [[label_names[i] for i in labels] for labels in indices[:count]]
+    labelled_grid(normalize(images), captions, nrow=columns).save(out)
     return out
 
 
 def info(root, image_size=64):
-    from lab.data.iclevr import load_condition_sets, load_train
     data = load_train(root, image_size=image_size)
     freq = data.labels.sum(0)
     print(f"{root}: {len(data.names)} images {tuple(data.images.shape[1:])}, {len(data.label_names)} labels, "
@@ -48,6 +40,10 @@ def info(root, image_size=64):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lab.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    prepare = sub.add_parser("prepare", help="check a real i-CLEVR folder and write the val.json model selection "
+                                             "needs, its label sets held out of training")
+    prepare.add_argument("root", help="the folder with objects.json, train.json, test.json, new_test.json, iclevr/")
+    prepare.add_argument("--seed", type=int, default=0, help="which label sets val.json takes (default: 0)")
     render = sub.add_parser("render", help="render a synthetic i-CLEVR root in the real format")
     render.add_argument("--out", required=True, help="folder to create")
     render.add_argument("--scenes", type=int, default=6003, help="one image per object (default 6003 -> 18,009)")
@@ -63,8 +59,9 @@ def main(argv=None):
     check = sub.add_parser("info", help="load a root with the reader and print what it holds")
     check.add_argument("root")
     args = parser.parse_args(argv)
-    if args.command == "render":
-        from lab.data.synthetic import write_root
+    if args.command == "prepare":
+        print(prepare_root(Path(args.root).expanduser(), args.seed))
+    elif args.command == "render":
         if args.scenes < 1:
             raise UserError("--scenes", f"must be at least 1, got {args.scenes}")
         width, height = (int(v) for v in args.size.lower().split("x"))

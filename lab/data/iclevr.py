@@ -7,7 +7,6 @@ the whole training set in seconds and can keep it resident on the GPU.
 """
 import contextlib
 import hashlib
-import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -20,72 +19,34 @@ from PIL import Image
 from tqdm import tqdm
 
 from lab.checkpoints import atomic_save
+from lab.data.labels import image_paths, load_objects, objects_path, read_label_sets, read_train_table
+from lab.data.prepare import excluded_images
+from lab.data import default_cache_dir
 from lab.errors import UserError
 
 CACHE_VERSION = 1  # bump when the decoding below changes
 
 
-def read_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(path, "file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(path, f"not a readable JSON text file ({getattr(e, 'strerror', None) or e})") from None
+def multi_hot(indices, num_labels):
+    """(M, num_labels) float multi-hot rows for lists of label indices."""
+    out = torch.zeros(len(indices), num_labels)
+    for row, labels in enumerate(indices):
+        out[row, labels] = 1.0
+    return out
 
 
-def objects_path(root):
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(root, "data root not found")
-    for name in ("objects.json", "object.json"):
-        if (root / name).is_file():
-            return root / name
-    raise UserError(root / "objects.json", "file not found (nor object.json)")
-
-
-def load_objects(root):
-    """Label names in index order; the index table must be a bijection onto 0..N-1."""
-    path = objects_path(root)
-    table = read_json(path)
-    if not isinstance(table, dict) or not table:
-        raise UserError(path, "expected a JSON object mapping label names to indices")
-    for name, index in table.items():
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise UserError(path, f"index of '{name}' is {index!r}, not an integer")
-    indices = sorted(table.values())
-    if indices != list(range(len(table))):
-        missing = sorted(set(range(len(table))) - set(indices))
-        raise UserError(path, f"indices are not a bijection onto 0..{len(table) - 1} (missing {missing}, "
-                              f"duplicated {sorted({i for i in indices if indices.count(i) > 1})})")
-    return sorted(table, key=table.get)
-
-
-def multi_hot(label_sets, names, where):
-    """(M, N) float multi-hot rows for lists of label names; `where` names the file for errors."""
-    index = {name: i for i, name in enumerate(names)}
-    out = torch.zeros(len(label_sets), len(names))
-    for row, labels in enumerate(label_sets):
-        if not isinstance(labels, list):
-            raise UserError(where, f"entry {row} is {labels!r}, not a list of label names")
+def label_counts(indices, num_labels):
+    """(M, num_labels) uint8: how many objects of each label every list names (a count scene names one twice)."""
+    out = torch.zeros(len(indices), num_labels, dtype=torch.uint8)
+    for row, labels in enumerate(indices):
         for label in labels:
-            if label not in index:
-                raise UserError(where, f"entry {row}: label {label!r} is not in objects.json")
-            out[row, index[label]] = 1.0
+            out[row, label] += 1
     return out
 
 
 def load_condition_sets(root, name="test.json"):
     """A list of label lists (test.json, new_test.json, val.json, ...) as (M, N) multi-hot rows."""
-    names = load_objects(root)
-    path = Path(root) / name
-    sets = read_json(path)
-    if not isinstance(sets, list):
-        raise UserError(path, "expected a JSON list of label lists")
-    return multi_hot(sets, names, path)
+    return multi_hot(read_label_sets(root, name), len(load_objects(root)))
 
 
 def normalize(images):
@@ -131,31 +92,21 @@ class TrainingSet:
     names: list            # image file names, in train.json order
     label_names: list      # label names in index order
     label_maps: torch.Tensor | None = None  # (N, 64, 64) uint8 label seen at each pixel (lab.data.synthetic.label_maps)
-
-
-def default_cache_dir():
-    return Path(os.environ.get("DDPM_LAB_CACHE", Path.home() / ".cache" / "ddpm-lab"))
+    counts: torch.Tensor | None = None  # (N, num_labels) uint8 objects of each label (repeats in train.json)
 
 
 def load_train(root, image_size=64, image_dir="iclevr", cache_dir=None, workers=None):
     """Decode the training set once into `cache_dir` and load it from there afterwards."""
     root = Path(root)
     label_names = load_objects(root)
-    train_path = root / "train.json"
-    table = read_json(train_path)
-    if not isinstance(table, dict):
-        raise UserError(train_path, "expected a JSON object mapping image names to label lists")
-    names = list(table)
-    labels = multi_hot([table[n] for n in names], label_names, train_path)
+    names, indices = read_train_table(root)
+    held = excluded_images(root)  # val.json's label sets, held out of training by `python -m lab.data prepare`
+    if held:
+        names, indices = zip(*[(n, i) for n, i in zip(names, indices) if n not in held])
+        names, indices = list(names), list(indices)
+    paths = image_paths(root, names, image_dir)
     folder = root / image_dir
-    if not folder.is_dir():
-        raise UserError(folder, "image folder not found")
-    paths = [folder / n for n in names]
-    for path in paths:
-        if not path.is_file():
-            raise UserError(path, f"image file not found (listed in {train_path})")
-
-    key = content_key([train_path, objects_path(root), *paths], (CACHE_VERSION, image_size))
+    key = content_key([root / "train.json", objects_path(root), *paths], (CACHE_VERSION, image_size))
     cache = Path(cache_dir or default_cache_dir()) / "decoded" / f"{key}.pt"
     images = _load_cache(cache, (len(paths), 3, image_size, image_size))
     if images is None:
@@ -173,7 +124,8 @@ def load_train(root, image_size=64, image_dir="iclevr", cache_dir=None, workers=
                 bar.update(len(array))
         images = torch.from_numpy(np.concatenate(arrays))
         atomic_save(images, cache)  # a killed run never leaves a half-written cache; a full disk is one line
-    return TrainingSet(images, labels, names, label_names)
+    return TrainingSet(images, multi_hot(indices, len(label_names)), names, label_names,
+                       counts=label_counts(indices, len(label_names)))
 
 
 def _load_cache(path, shape):

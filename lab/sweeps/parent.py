@@ -6,7 +6,7 @@ from collections import Counter
 
 from lab import tracking
 from lab.sweeps.schema import sweep_yaml
-from lab.sweeps.storage import display_storage
+from lab.stores import display_storage
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT_S = 30  # how long a worker waits for the parent run of a new study that another worker created

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lab.config import Section, describe_error, load_config, parse_set, plain_name, read_yaml
+from lab.config import SELECTION_METRICS, Section, describe_error, load_config, parse_set, plain_name, read_yaml
 from lab.errors import UserError
+from lab.stores import DEFAULT_STORAGE, display_storage
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 PER_TRIAL_KEYS = {"run_name": "set by the sweep for each trial", "seeds": "a sweep trains each trial once"}
 PER_STUDY_KEYS = {"experiment", "tracking_uri", "output_dir"}  # one parent run and folder for the whole study
 
@@ -108,7 +108,7 @@ class SweepSpec(Section):
     base: str                                # the experiment config, relative to the sweep file
     study_name: Optional[str] = None         # default: the sweep file's stem
     storage: Optional[str] = None            # null: sqlite:///optuna.db in the working directory (see make_storage)
-    metric: Literal["val_accuracy"] = "val_accuracy"  # a trial's value: its best validation accuracy
+    metric: Literal[SELECTION_METRICS] = "val_accuracy"  # a trial's value: the best of this validation metric
     direction: Literal["maximize", "minimize"] = "maximize"
     n_trials: int = Field(20, ge=1)          # finished (COMPLETE + PRUNED) trials the study aims for, in total
     sampler: SamplerSpec = SamplerSpec()
@@ -159,7 +159,10 @@ def load_sweep(path, overrides=(), n_trials=None, storage=None):
             raise UserError(path, f"sweep.space.{key}: one value for the whole study (use sweep.set)")
     for key in spec.space.keys() & spec.set.keys():
         raise UserError(path, f"sweep.set.{key}: also in sweep.space")
-    fixed = [as_override(k, v) for k, v in spec.set.items()] + list(overrides)
+    if spec.set.get("eval.select_by", spec.metric) != spec.metric or "eval.select_by" in spec.space:
+        raise UserError(path, f"eval.select_by: a trial's best.pt is chosen by the sweep's metric ({spec.metric})")
+    # each trial keeps the checkpoint its value comes from: best.pt chosen by the metric the study maximises
+    fixed = [as_override(k, v) for k, v in {"eval.select_by": spec.metric, **spec.set}.items()] + list(overrides)
     for assignment in overrides:
         if assignment.partition("=")[0] in spec.space:
             raise UserError("--set", f"{assignment.partition('=')[0]}: searched by the sweep (sweep.space)")
@@ -178,7 +181,6 @@ def load_sweep(path, overrides=(), n_trials=None, storage=None):
 def sweep_yaml(sweep):
     """The resolved sweep as a sweep file (what --dry-run prints and the parent run keeps as sweep.yaml)."""
     spec = sweep.spec.model_dump(mode="json")
-    from lab.sweeps.storage import display_storage
     spec.update(base=str(sweep.base), study_name=sweep.study_name, storage=display_storage(sweep.storage),
                 n_trials=sweep.n_trials, set=dict(_parsed(a) for a in sweep.fixed))
     spec["space"] = {k: {f: v for f, v in p.items() if v is not None} for k, p in spec["space"].items()}

@@ -13,11 +13,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 
 from lab.errors import UserError
-from lab.sweeps.schema import DEFAULT_STORAGE
-from lab.tracking import check_reachable, database_url, resolve_uri
-
-JOURNAL_SUFFIXES = (".log", ".jsonl")
-
+from lab.stores import DEFAULT_STORAGE, JOURNAL_SUFFIXES, check_reachable, database_url, display_storage, resolve_uri
 
 def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, max_retry=2, where="storage"):
     """An Optuna storage from one string; the same for a single run and for workers sharing a study.
@@ -57,19 +53,6 @@ def make_storage(url_or_path=None, *, heartbeat_interval=60, grace_period=None, 
             break
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise UserError(where, f"cannot open the Optuna storage {display_storage(spec)} ({message})") from None
-
-
-def display_storage(spec):
-    """The storage as others can open it: absolute file paths, no password."""
-    spec = spec or DEFAULT_STORAGE
-    if spec.startswith("journal:") or (spec.endswith(JOURNAL_SUFFIXES) and "://" not in spec):
-        return str(Path(spec.removeprefix("journal:")).expanduser().resolve())
-    if spec.startswith("sqlite:///") and not spec.startswith("sqlite:////") and spec != "sqlite:///:memory:":
-        return "sqlite:///" + str(Path(spec.removeprefix("sqlite:///")).expanduser().resolve())
-    try:
-        return sqlalchemy.engine.make_url(spec).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return spec
 
 
 def make_optuna_sampler(spec, offset=0):

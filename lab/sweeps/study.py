@@ -8,9 +8,9 @@ from optuna.trial import TrialState
 
 from lab.sweeps.parent import best_trial, finish_parent, parent_run
 from lab.sweeps.schema import load_sweep
-from lab.sweeps.storage import display_storage, open_study
+from lab.sweeps.storage import open_study
 from lab.sweeps.trials import dead_worker_reason, make_objective
-from lab.tracking import check_reachable, resolve_uri
+from lab.stores import check_reachable, display_storage, resolve_uri
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count towards n_trials
 

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from lab import build, tracking, trainer
 from lab.config import load_config
 from lab.sweeps.schema import as_override
-from lab.sweeps.storage import display_storage, one_line
+from lab.stores import display_storage, resolve_uri
+from lab.sweeps.storage import one_line
 
 
 class TrialTracker(tracking.Tracker):
@@ -78,7 +79,7 @@ def make_objective(sweep, parent_run_id, device=None, log=print):
         tags = {"optuna_study": sweep.study_name, "optuna_trial": str(trial.number),
                 "optuna_params": json.dumps(params), "optuna_storage": display_storage(sweep.storage),
                 "optuna_worker": worker}
-        tracker = TrialTracker(tracking.resolve_uri(sweep.config.tracking_uri), trial)
+        tracker = TrialTracker(resolve_uri(sweep.config.tracking_uri), trial)
         retried = retry_history(trial)
         if retried:  # it inherited the dead trial's user attrs: close that attempt's run, drop what belongs to it
             tags["optuna_retry_of"] = str(retried[0])
@@ -89,16 +90,17 @@ def make_objective(sweep, parent_run_id, device=None, log=print):
         config = trial_config(sweep, trial.number, {})  # what the MLflow run describes if the values do not fit
         try:
             config = trial_config(sweep, trial.number, params)
-            setup = build.prepare(config, sweep.path, device)
+            setup = build.prepare(config, sweep.path, device, fresh=True)
 
-            def on_validation(step, epoch, accuracy):
+            def on_validation(step, epoch, metrics):
                 """The pruner's step is the trainer's epoch: the same for every batch size and world size."""
+                value = metrics[sweep.spec.metric]
                 tracker.flush()  # the curve so far on the MLflow run, should this worker die before the end
                 trial.set_user_attr("checkpoint", str((setup.out_dir / "best.pt").resolve()))  # written by now
-                trial.report(accuracy, epoch)
+                trial.report(value, epoch)
                 if trial.should_prune():
                     tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch, "pruned_at_step": step})
-                    raise trainer.Stop(f"pruned at epoch {epoch} (step {step}, {sweep.spec.metric} {accuracy:.4f})")
+                    raise trainer.Stop(f"pruned at epoch {epoch} (step {step}, {sweep.spec.metric} {value:.4f})")
 
             summary = trainer.train(setup, tracker=tracker, parent_run_id=parent_run_id, extra_tags=tags,
                                     on_validation=on_validation, fresh=True, log=log)
@@ -116,5 +118,5 @@ def make_objective(sweep, parent_run_id, device=None, log=print):
                 tracker.set_tags({"optuna_state": "FAIL", "failure": reason})
             raise
         tracker.set_tags({"optuna_state": "COMPLETE"})
-        return summary["best_val_accuracy"]
+        return summary[f"best_{sweep.spec.metric}"]
     return objective
