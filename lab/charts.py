@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lab.tables import DEFAULT_METRIC, label_columns
+from lab.tables import DEFAULT_METRIC, row_changes
 
 
 def write_charts(runs, table, out_dir, metric=DEFAULT_METRIC):
@@ -19,19 +19,11 @@ def write_charts(runs, table, out_dir, metric=DEFAULT_METRIC):
 
 
 def row_labels(table):
-    """Short labels: the axis and the values where a row differs from the base row ('sampler: dpmsolver++, 20')."""
-    keys = label_columns(table)
-    values = [k for k in keys if k != "ablation"]
-    is_base = table["ablation"] == "base" if "ablation" in keys else pd.Series(False, index=table.index)
-    base = table[is_base].iloc[0] if is_base.any() else None
-    labels = []
-    for i, row in table.iterrows():
-        changed = ", ".join(str(row[k]) for k in values if base is None or row[k] != base[k])
-        if "ablation" not in keys:
-            labels.append(changed)
-        else:
-            labels.append(row["ablation"] + (f": {changed}" if changed and not is_base[i] else ""))
-    return labels
+    """Short labels: what the row changes ('sampler=dpmsolver++, steps=20'), or its axis ('base')."""
+    changes = row_changes(table)
+    if "ablation" not in table.columns:
+        return changes
+    return [change or row["ablation"] for (_, row), change in zip(table.iterrows(), changes)]
 
 
 def _bar_chart(Figure, table, path, metric):

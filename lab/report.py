@@ -140,17 +140,17 @@ def describe_scores(best, scores, seeds):
 # --- the command ---------------------------------------------------------------------------------------
 
 def compare(experiment, tracking_uri=None, filter_string=None, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC,
-            fmt="markdown", out_dir=None, best=False, final=False, seeds=None, device=None, log=print):
+            fmt="markdown", out_dir=None, best=False, final=False, seeds=None, device=None, log=print, wide=False):
     """What compare.py does: the table, then charts, the best run and its final test scores when asked."""
     client = open_store(tracking_uri)
     runs = load_runs(client, experiment, filter_string)
     table = ablation_table(runs, group_by, metric)
-    log(render(table, fmt).rstrip("\n"))
+    log(render(table, fmt, wide).rstrip("\n"))
     if out_dir:
         paths = [path.resolve() for path in charts.write_charts(runs, table, out_dir, metric)]
         for path in paths:
             log(f"chart: {path}")
-        run_id = log_compare_run(client, experiment, paths, render(table, "markdown"), filter_string)
+        run_id = log_compare_run(client, experiment, paths, render(table, "markdown", wide=True), filter_string)
         log(f"charts logged to MLflow run {run_id} (experiment {experiment}, artifacts charts/ and table.md)")
     if best or final:
         chosen = select_best(runs, metric)

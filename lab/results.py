@@ -76,7 +76,7 @@ def section(client, experiment, out_dir, notes_dir, metric=DEFAULT_METRIC):
     lines += [f"{len(runs)} finished run{'s' if len(runs) != 1 else ''}" + (f" on {'; '.join(found)}" if found else "")
               + f", {started} UTC.", ""]
     table = ablation_table(runs, metric=metric)
-    lines += [render(table, "markdown"), ""]
+    lines += [render(table, "markdown", wide=True), ""]
     charts = [Path(p) for p in write_charts(runs, table, out_dir / experiment, metric)]
     curves = learning_curves(client, runs)
     if not curves.empty:

@@ -77,9 +77,10 @@ def reported_test_metrics(runs):
     return first + sorted(set(found) - set(first))
 
 
-# Validation figures reported beside the ranking metric when the runs have them: the binding errors (shares
-# of the true labels missed) and the sampler's time per image.
-BESIDE = ("val_wrong_colour", "val_wrong_shape", "val_both_wrong", "sample_s_per_image")
+# Validation figures reported beside the ranking metric when the runs have them: the other judge's, the strict
+# judge's extra and missing objects, the binding errors (shares of the true labels missed), seconds per image.
+BESIDE = ("val_accuracy", "val_exact_accuracy", "val_extra_objects", "val_missing_objects", "val_wrong_colour",
+          "val_wrong_shape", "val_both_wrong", "sample_s_per_image")
 
 
 def beside_values(runs, name):
@@ -114,7 +115,9 @@ def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
         keys = list(dict.fromkeys(group_by))
         columns = [resolve_key(runs, k) for k in keys]
     frame = runs[columns].fillna("").astype(str).set_axis(keys, axis=1)
-    beside = [name for name in BESIDE if f"metrics.{name}" in runs.columns and name != metric]
+    frame["_seed"] = runs["params.seed"].fillna("") if "params.seed" in runs.columns else ""
+    frame["_sampling_only"] = sampling_only(runs)
+    beside = [name for name in BESIDE if f"metrics.{name}" in runs.columns and metric not in (name, f"best_{name}")]
     stats = [metric, *beside, *reported_test_metrics(runs)]
     for name in stats:
         frame[name] = beside_values(runs, name) if name in beside else runs[f"metrics.{name}"]
@@ -132,21 +135,50 @@ def ablation_table(runs, group_by=DEFAULT_GROUP_BY, metric=DEFAULT_METRIC):
     return add_intervals(table, frame, keys, metric)
 
 
+def sampling_only(runs):
+    """Per run: whether it reuses another run's training (a guidance or sampler row sampling the base's weights:
+    tagged `trained_by`), so that its seeds pair with the base's."""
+    return runs["tags.trained_by"].notna() if "tags.trained_by" in runs.columns else pd.Series(False, index=runs.index)
+
+
 def add_intervals(table, frame, keys, metric):
-    """The metric's t interval per row and, against the `base` row, Welch intervals of the differences."""
-    samples = {k if isinstance(k, tuple) else (k,): list(group[metric])
-               for k, group in frame.groupby(keys, sort=False, dropna=False)}
-    values = [samples[tuple(row[k] for k in keys)] for _, row in table.iterrows()]
-    intervals = [mean_interval(v) for v in values]
+    """The metric's t interval per row and, against the `base` row, the interval of the difference: paired by
+    training seed for a row that samples the base's own weights (the difference of each seed's two scores),
+    Welch's for an independently trained one. `test` names which, `verdict` reads it (better, worse, noise)."""
+    groups = {k if isinstance(k, tuple) else (k,): group for k, group in frame.groupby(keys, sort=False, dropna=False)}
+    rows = [groups[tuple(row[k] for k in keys)] for _, row in table.iterrows()]
+    intervals = [mean_interval(list(group[metric])) for group in rows]
     table[f"{metric}_low"] = [interval[2] for interval in intervals]
     table[f"{metric}_high"] = [interval[3] for interval in intervals]
     base = table.index[table["ablation"] == "base"] if "ablation" in keys else []
     if len(base) == 1 and len(table) > 1:
-        differences = [difference_interval(v, values[base[0]]) for v in values]
+        reference = rows[base[0]]
+        tests = ["paired" if group["_sampling_only"].all() else "Welch" for group in rows]
+        differences = [paired_difference(group, reference, metric) if test == "paired"
+                       else difference_interval(list(group[metric]), list(reference[metric]))
+                       for group, test in zip(rows, tests)]
         table["vs_base"], table["vs_base_low"], table["vs_base_high"] = (list(c) for c in zip(*differences))
         table["within_noise"] = [within_noise(low, high) for _, low, high in differences]
-        table.loc[base[0], ["vs_base", "vs_base_low", "vs_base_high", "within_noise"]] = [math.nan] * 3 + [False]
+        table["test"] = tests
+        table["verdict"] = [verdict(difference, noise, metric) for (difference, _, _), noise
+                            in zip(differences, table["within_noise"])]
+        table.loc[base[0], ["vs_base", "vs_base_low", "vs_base_high", "within_noise", "test", "verdict"]] = \
+            [math.nan] * 3 + [False, "", ""]
     return table
+
+
+def paired_difference(group, reference, metric):
+    """(mean difference, low, high) over the training seeds both rows have: each seed's score minus the base's."""
+    ours = dict(zip(group["_seed"], group[metric]))
+    theirs = dict(zip(reference["_seed"], reference[metric]))
+    mean, _, low, high = mean_interval([ours[seed] - theirs[seed] for seed in ours if seed in theirs])
+    return mean, low, high
+
+
+def verdict(difference, noise, metric):
+    if math.isnan(difference) or noise:
+        return "noise"
+    return "better" if (difference < 0) == lower_is_better(metric) else "worse"
 
 
 def _row_order(values, keys):
@@ -176,36 +208,78 @@ def _interval(low, high):
     return "" if pd.isna(low) or pd.isna(high) else f" [{_number(low)}, {_number(high)}]"
 
 
-def display_rows(table, pm="±", bold=lambda s: f"**{s}**", noise="(noise)"):
-    """Header and rows of strings: keys, `mean ± std [95% interval]` for the metric (std and interval left
-    out for n = 1), n, the difference to base with its interval (`noise` marks one within noise), then
-    `mean ± std` of the other figures; the best metric in bold."""
+def row_changes(table):
+    """Per row, what it changes against the base row, in short: "conditioning=concat", "sampler=ddim, steps=100"
+    (the keys that vary, by their last part); "" for the base row, or every key when there is none."""
+    keys = [k for k in label_columns(table) if k != "ablation"]
+    is_base = table["ablation"] == "base" if "ablation" in table.columns else pd.Series(False, index=table.index)
+    base = table[is_base].iloc[0] if is_base.any() else None
+    return ["" if is_base[i] else ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys
+                                            if base is None or row[k] != base[k])
+            for i, row in table.iterrows()]
+
+
+def _shorten(text, width=30):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def display_rows(table, pm="±", bold=lambda s: f"**{s}**", noise="(noise)", wide=True):
+    """Header and rows of strings. Wide: keys, `mean ± std [95% interval]` for the metric (std and interval
+    left out for n = 1), n, the difference to base with its interval (`noise` marks one within noise), its
+    test and verdict, then `mean ± std` of the other figures; the best metric in bold. Narrow (a terminal's
+    width): what the row changes (its axis for the base row), the metric's mean with its interval, n, the
+    difference to base and the verdict, then the means of the other judge's figure and the test accuracy."""
     keys = label_columns(table)
     stats = [c.removesuffix("_mean") for c in table.columns if c.endswith("_mean")]
-    versus = ["vs base"] if "vs_base" in table.columns else []
-    header = [*keys, stats[0], "n", *versus, *stats[1:]]
+    versus = "vs_base" in table.columns
     rows = []
     for _, row in table.iterrows():
         cells = {}
         for name in stats:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
-            cells[name] = _number(mean) + ("" if pd.isna(std) or pd.isna(mean) else f" {pm} {_number(std)}")
+            cells[name] = _number(mean) + ("" if not wide or pd.isna(std) or pd.isna(mean) else f" {pm} {_number(std)}")
         cells[stats[0]] += _interval(row.get(f"{stats[0]}_low"), row.get(f"{stats[0]}_high"))
         if row["best"]:
             cells[stats[0]] = bold(cells[stats[0]])
         if versus:
             difference = "" if pd.isna(row["vs_base"]) else f"{row['vs_base']:+.3f}"
             cells["vs base"] = (difference + _interval(row["vs_base_low"], row["vs_base_high"])
-                                + (f" {noise}" if difference and row["within_noise"] else ""))
-        rows.append([*(str(row[k]) for k in keys), cells[stats[0]], str(row["n"]),
-                     *(cells[v] for v in versus), *(cells[s] for s in stats[1:])])
-    return header, rows
+                                + (f" {noise}" if wide and difference and row["within_noise"] else ""))
+            cells["verdict"] = f"{row['verdict']} ({row['test']})" if row["verdict"] else ""
+        rows.append(cells)
+    if wide:
+        header = [*keys, stats[0], "n", *(["vs base", "verdict"] if versus else []), *stats[1:]]
+        return header, [[*(str(row[k]) for k in keys), cells[stats[0]], str(row["n"]),
+                         *([cells["vs base"], cells["verdict"]] if versus else []), *(cells[s] for s in stats[1:])]
+                        for (_, row), cells in zip(table.iterrows(), rows)]
+    beside = [name for name in ("val_exact_accuracy", "val_accuracy") if name in stats[1:]][:1] + \
+        [name for name in ("test_accuracy", "test_exact_accuracy") if name in stats[1:]]
+    labels = row_changes(table) if "ablation" in keys else [", ".join(str(row[k]) for k in keys)
+                                                            for _, row in table.iterrows()]
+    if "ablation" in keys:  # the base row, or a row whose axis is all a filter kept: named by its axis
+        labels = [label or row["ablation"] for (_, row), label in zip(table.iterrows(), labels)]
+    header = ["change" if "ablation" in keys else " / ".join(keys), stats[0], "n",
+              *(["vs base", "verdict"] if versus else []), *(NARROW_BESIDE[name] for name in beside)]
+    return header, [[_shorten(label), cells[stats[0]], str(row["n"]),
+                     *([cells["vs base"], cells["verdict"]] if versus else []), *(cells[s] for s in beside)]
+                    for (_, row), label, cells in zip(table.iterrows(), labels, rows)]
 
 
-def to_markdown(table):
-    header, rows = display_rows(table)
+# What a narrow table shows beside the ranking metric, by its short header, as many as fit NARROW_WIDTH: the
+# other judge's validation figure (the first found), then the test scores.
+NARROW_BESIDE = {"val_exact_accuracy": "exact", "val_accuracy": "course", "test_accuracy": "test",
+                 "test_exact_accuracy": "test exact"}
+NARROW_WIDTH = 120  # a terminal's width: a wrapped row hides its answer
+
+
+def to_markdown(table, wide=False):
+    header, rows = display_rows(table, wide=wide)
     widths = [max(3, *(len(r[i]) for r in [header, *rows])) for i in range(len(header))]  # GFM: "--:" at least
-    numeric = [i >= len(label_columns(table)) for i in range(len(header))]
+    core = header.index("verdict") + 1 if "verdict" in header else 3
+    while not wide and len(header) > core and sum(widths) + 3 * len(widths) + 1 > NARROW_WIDTH:
+        header, rows, widths = header[:-1], [r[:-1] for r in rows], widths[:-1]
+    labels = len(label_columns(table)) if wide else 1
+    numeric = [i >= labels and header[i] != "verdict" for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)) + " |"
@@ -222,7 +296,7 @@ def to_latex(table):
     """A booktabs tabular (written here: pandas' to_latex needs jinja2, which is not pinned)."""
     header, rows = display_rows(table, pm="$\\pm$", bold=lambda s: f"\\textbf{{{s}}}")
     keys = len(label_columns(table))
-    spec = "l" * keys + "r" * (len(header) - keys)
+    spec = "l" * keys + "".join("l" if name == "verdict" else "r" for name in header[keys:])
     lines = ["\\begin{tabular}{" + spec + "}", "\\toprule", " & ".join(map(_latex_escape, header)) + " \\\\",
              "\\midrule"]
     lines += [" & ".join([*map(_latex_escape, r[:keys]), *r[keys:]]) + " \\\\" for r in rows]
@@ -237,5 +311,8 @@ def _latex_escape(text):
     return re.sub(r"[\\~^&%$#_{}]", lambda m: LATEX_SPECIAL[m.group()], text)
 
 
-def render(table, fmt="markdown"):
-    return {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}[fmt](table)
+def render(table, fmt="markdown", wide=False):
+    """Markdown (narrow unless `wide`), CSV (every column) or a LaTeX tabular (wide)."""
+    if fmt == "markdown":
+        return to_markdown(table, wide)
+    return {"csv": to_csv, "latex": to_latex}[fmt](table)

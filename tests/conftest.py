@@ -11,6 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# hypothesis keeps caches in ./.hypothesis unless told otherwise: a test run writes nothing into the checkout
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="ddpm-lab-hypothesis-"))
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
 
@@ -30,7 +32,7 @@ def working_tree_files():
     root = Path(__file__).parent.parent
     listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--ignored", "--directory"],
                             cwd=root, capture_output=True, text=True).stdout.split()
-    ordinary = ("__pycache__", ".venv", ".pytest_cache", ".cache", ".whl", ".egg-info", ".hypothesis")
+    ordinary = ("__pycache__", ".venv", ".pytest_cache", ".cache", ".whl", ".egg-info")
     return {path for path in listed if not any(part in path for part in ordinary)}
 
 

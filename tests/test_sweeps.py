@@ -208,9 +208,9 @@ def tiny_sweep(tiny_sweep_base, tmp_workdir, tmp_path, monkeypatch):
         setup.evaluator.accuracy = accuracy  # what the final test scores call
         return setup
 
-    def validate_with_known_accuracies(model, setup, reference_features, step):
-        metrics, images = validate(model, setup, reference_features, step)
-        return {**metrics, "val_accuracy": setup.evaluator.accuracy(images, setup.val_labels)}, images
+    def validate_with_known_accuracies(model, setup, reference_features, step, write=print):
+        metrics, images, verdicts = validate(model, setup, reference_features, step, write)
+        return {**metrics, "val_accuracy": setup.evaluator.accuracy(images, setup.val_labels)}, images, verdicts
     validate = trainer.validation_metrics
     monkeypatch.setattr(build, "prepare", prepare_with_known_accuracies)
     monkeypatch.setattr(trainer, "validation_metrics", validate_with_known_accuracies)
