@@ -42,18 +42,13 @@ RECIPE = {
     "extra_objects": 5,
     "extra_repeats": 0.8,       # of them, scenes that repeat labels: what the count head learns to count
     "count_weight": 2.0,        # weight of the count head's loss (roots whose scenes repeat labels only)
-    # [input size, images seen, peak learning rate] per phase. One phase at the evaluator's 64x64: on 2 CPU
-    # cores a 32x32 phase runs 2x faster but transfers badly (README, Evaluator: measured recipes).
-    # Accuracy still grows with the images seen: about the most that fit in 4 minutes on 2 CPU cores. Batch 64:
-    # 96 and 128 run more images a second but take fewer steps; in the same minutes 96 did no better and 128
-    # worse (README, Evaluator).
+    # [input size, images seen, peak learning rate] per phase: one phase at the evaluator's own 64x64 (a 32x32
+    # phase runs faster but transfers badly); accuracy grows with the images seen (docs/evaluator.md).
     "phases": [[64, 125_000, 2e-3]],
     "draw_sizes": [64, 48, 32],   # resolutions an image is drawn at before it is upsampled to 64x64
     "batch_size": 64,
-    # Of each batch, drawn again in proportion to their loss when last seen (the rest is a plain epoch
-    # order): the misses are small far objects, cube against cylinder, which a uniform order rarely revisits.
-    # On one held-out set, 0.9922 with 110k images against a uniform order's 0.9883 with 100k (README,
-    # Evaluator, has every recipe tried).
+    # Of each batch, drawn again in proportion to their loss when last seen (the rest is a plain epoch order):
+    # the misses are small far objects, which a uniform order rarely revisits.
     "hard_fraction": 0.5,
     "weight_decay": 5e-4,
     "warmup_fraction": [0.15, 0.05],  # of the first phase's steps, of each later phase's
@@ -199,28 +194,39 @@ def training_modules(num_labels, device, small_maps=True):
 
 def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
     """Training images/s of the evaluator's step (forward, BCE, backward, fused AdamW; bf16 where native) with
-    layer4's convolutions as oneDNN runs them and as `_small_map_forward`, side by side, on random 64x64 input."""
+    layer4's convolutions as oneDNN runs them and as `_small_map_forward`, and the latter with the strict judge's
+    count head and its loss (what RECIPE trains on synthetic roots), side by side, on random 64x64 input."""
+    cases = {"oneDNN": (False, False), "small-map matmul": (True, False), "+ count head": (True, True)}
     rows = []
     for batch_size in batch_sizes:
         x = torch.randn(batch_size, 3, EVALUATOR_SIZE, EVALUATOR_SIZE, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
         target = (torch.rand(batch_size, 24, device=device) < 0.1).float()
+        counts = torch.randint(0, COUNT_CLASSES, (batch_size, 24), device=device)
         speed = {}
-        for small_maps in (False, True):
+        for case, (small_maps, counting) in cases.items():
             torch.manual_seed(0)
             model, lower, upper = training_modules(24, device, small_maps)
-            opt = torch.optim.AdamW(model.parameters(), fused=True)
+            count_head = build_count_head(24).to(device) if counting else None
+            opt = torch.optim.AdamW([*model.parameters(), *(count_head.parameters() if counting else ())], fused=True)
             for i in range(warmup + steps):
                 if i == warmup:
                     start = time.perf_counter()
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device)):
-                    logits = model.fc[0](upper(lower(x)).mean((2, 3)))
+                    layer3 = upper[0](lower(x))
+                    layer4 = upper[1](layer3)
+                    logits = model.fc[0](layer4.mean((2, 3)))
+                    count_logits = count_head(layer3, layer4) if counting else None
+                loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+                if counting:
+                    loss = loss + RECIPE["count_weight"] * F.cross_entropy(count_logits.float().transpose(1, 2), counts)
                 opt.zero_grad(set_to_none=True)
-                F.binary_cross_entropy_with_logits(logits.float(), target).backward()
+                loss.backward()
                 opt.step()
-            speed[small_maps] = steps * batch_size / (time.perf_counter() - start)
-        rows.append({"batch size": batch_size, "oneDNN images/s": speed[False],
-                     "small-map matmul images/s": speed[True], "ratio": speed[True] / speed[False]})
+            speed[case] = steps * batch_size / (time.perf_counter() - start)
+        rows.append({"batch size": batch_size, **{f"{case} images/s": value for case, value in speed.items()},
+                     "matmul / oneDNN": speed["small-map matmul"] / speed["oneDNN"],
+                     "count head / without": speed["+ count head"] / speed["small-map matmul"]})
     return pd.DataFrame(rows)
 
 
@@ -288,12 +294,13 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
                 x, batch_maps = augment(x, generator, **how, maps=maps[idx].to(device))
             with autocast:
                 features = lower(x)
-                layer4 = upper(features)
+                layer3 = upper[0](features)
+                layer4 = upper[1](layer3)
                 logits = model.fc[0](layer4.mean((2, 3)))
             per_image = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none").mean(1)
             if count_head is not None:
                 with autocast:
-                    count_logits = count_head(layer4).float()
+                    count_logits = count_head(layer3, layer4).float()
                 per_image = per_image + recipe["count_weight"] * F.cross_entropy(
                     count_logits.transpose(1, 2), counts[idx].to(device), reduction="none").mean(1)
             loss = per_image.mean()

@@ -31,9 +31,7 @@ UNETS = {
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     ),
     # The CPU presets' UNet (4.4M params with time_add): 3 levels, attention at the lowest one, made for 32x32
-    # images in 2x2 patches (model.patch_size 2: a 16x16 -> 4x4 UNet). On 2 CPU cores it trained 80k images in
-    # 5.5 minutes where `tiny` on whole pixels trained 37k, and reached validation 0.38 against 0.32 (docs/results.md).
-    # The quickstart trains it at model.width 0.5 (1.2M): 2.4x the images/s, which mattered more at its budget.
+    # images in 2x2 patches (model.patch_size 2: a 16x16 -> 4x4 UNet), so that a CPU's minutes buy more images.
     "cpu": dict(
         block_out_channels=(64, 128, 128),
         layers_per_block=1,
