@@ -28,7 +28,8 @@ def main(argv=None):
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes: the course's rule, "
                                          "and the strict judge on correct, duplicated, extra and missing scenes")
     check.add_argument("checkpoint")
-    bench = sub.add_parser("bench", help="training images/s of the evaluator's step, layer4 as oneDNN's "
+    bench = sub.add_parser("bench", help="training images/s of the evaluator's step, with and without the strict "
+                                         "judge's count head, layer4 as oneDNN's "
                                          "convolution and as a matmul, side by side")
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 96])
     bench.add_argument("--steps", type=int, default=60, help="timed steps per case, after 5 untimed")

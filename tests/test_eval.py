@@ -244,11 +244,12 @@ def test_the_cache_key_changes_with_the_recipe(tiny_root, monkeypatch):
     assert default_evaluator_path(tiny_root) != before
 
 
-def test_bench_prints_both_layer4_paths_side_by_side(capsys):
+def test_bench_prints_both_layer4_paths_and_the_count_head_side_by_side(capsys):
     from lab.evaluator_cli import main
     assert main(["bench", "--batch-sizes", "2", "3", "--steps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("evaluator training step, ") and "oneDNN images/s" in lines[1] and "ratio" in lines[1]
+    assert lines[0].startswith("evaluator training step, ") and "oneDNN images/s" in lines[1]
+    assert "+ count head images/s" in lines[1] and lines[1].rstrip().endswith("count head / without")
     assert [line.split()[0] for line in lines[2:]] == ["2", "3"]
     assert all(float(line.split()[-1]) > 0 for line in lines[2:])
 
