@@ -88,6 +88,15 @@ def print_summaries(summaries):
             continue
         scores = ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.endswith("accuracy"))
         print(f"MLflow run {s['run_id']}: {s['steps']} steps; {scores}; best checkpoint {s['best_checkpoint']}")
+        for grid in s.get("grids", []):
+            print(f"grid: {grid}")
+    if summaries and summaries[-1].get("tracking_uri"):
+        print(f"to look at the runs: {ui_command(summaries[-1]['tracking_uri'])}, then open http://127.0.0.1:5000")
+
+
+def ui_command(uri):
+    """The command that opens MLflow's UI on the store `uri` (a server's UI is its own address)."""
+    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
 
 
 def run_sweep(args):

@@ -114,9 +114,12 @@ def with_overrides(config, args):
         raise UserError(f"--{dotted.split('.')[-1].replace('_', '-')}", message) from None
 
 
-def read_label_file(path, names):
-    """A label-set file anywhere (a JSON list of label lists) as multi-hot rows; bad entries name file and entry."""
+def read_label_file(path, names, root=None):
+    """A label-set file (a JSON list of label lists) as multi-hot rows; bad entries name file and entry. A name
+    that is no file here is looked up in the data root (`--labels test.json` draws the run's own test set)."""
     path = Path(path).expanduser()
+    if not path.exists() and root is not None and (Path(root) / path).is_file():
+        path = Path(root) / path
     sets = read_json(path)
     if not isinstance(sets, list) or not sets:
         raise UserError(path, "expected a non-empty JSON list of label lists")
@@ -197,7 +200,8 @@ def main(argv=None):
             raise UserError(path, "has no experiment.yaml: its data root and evaluator are unknown")
         config = with_overrides(ExperimentConfig.model_validate(yaml.safe_load(pipe.experiment_yaml)), args)
         setup = build.sampling_setup(pipe.model.to(device).eval(), config, device, splits=[])
-        files = {name: read_label_file(name, setup.label_names) for name in args.labels}  # all checked first
+        root = build.data_root(config)
+        files = {name: read_label_file(name, setup.label_names, root) for name in args.labels}  # all checked first
         prompts = [(prompt, multi_hot_of(prompt, setup.label_names)) for prompt in args.prompt]
         out = Path(args.out).expanduser() if args.out else default_out(path)
         if out.exists() and not out.is_dir():

@@ -207,6 +207,9 @@ class Run:
         self.step, self.first_epoch, self.best_score = 0, 0, -1.0
         self.run_id = self.bar = self.reference_features = None
         self.window_start, self.window_images = time.perf_counter(), 0
+        # validations due while the evaluator still trains beside: (step, minutes, the sampling weights then),
+        # scored as soon as it is ready, so the curve has its early points
+        self.pending = []
 
     def resume(self, state, run_id):
         """Continue where `state` (a latest.pt) left off, or from the start into the MLflow run `run_id`."""
@@ -303,18 +306,26 @@ class Run:
         if not last and final_is_near:
             self.bar.write(f"step {self.step}: no validation, the final one follows within half an interval")
         elif not last and not evaluator_ready(self.setup.evaluator):
-            self.bar.write(f"step {self.step}: no validation yet, the evaluator still trains beside")
+            self.bar.write(f"step {self.step}: validation kept for when the evaluator, still training beside, is ready")
+            self.pending.append((self.step, self.clock.spent_s / 60, copy.deepcopy(self.train_step.sampling_model())))
         else:
-            if self.reference_features is None:
-                self.reference_features = real_features(self.setup)
-            # minutes of this run's clock (training and validations, resumed runs' stops left out)
-            self.tracker.log_metrics({"train_minutes": self.clock.spent_s / 60}, self.step)
-            metrics = validate_and_keep_best(self.train_step.sampling_model(), self.setup, self.tracker,
-                                             self.reference_features, self.step, self.best_score, self.best_path,
-                                             self.bar.write)
-            self.best_score = max(metrics[self.config.eval.select_by], self.best_score)
+            for step, minutes, model in self.pending:
+                self.validate(model, step, minutes)
+            self.pending = []
+            metrics = self.validate(self.train_step.sampling_model(), self.step, self.clock.spent_s / 60)
             if self.on_validation is not None:
                 self.on_validation(self.step, epoch + 1, metrics)  # may raise Stop (a pruned trial)
+
+    def validate(self, model, step, minutes):
+        """Validate `model` (the sampling weights at `step`) and keep it as best.pt when it is the best so far."""
+        if self.reference_features is None:
+            self.reference_features = real_features(self.setup)
+        # minutes of this run's clock (training and validations, resumed runs' stops left out)
+        self.tracker.log_metrics({"train_minutes": minutes}, step)
+        metrics = validate_and_keep_best(model, self.setup, self.tracker, self.reference_features, step,
+                                         self.best_score, self.best_path, self.bar.write)
+        self.best_score = max(metrics[self.config.eval.select_by], self.best_score)
+        return metrics
 
     def finish(self):
         """The best checkpoint scored once on the test splits; the run marked finished in latest.pt."""
@@ -428,8 +439,13 @@ def score_best_checkpoint(setup, tracker, best_path, step):
     chose it (best_val_accuracy, best_val_exact_accuracy, best_val_wrong_colour, ...) and the checkpoint."""
     state = load_checkpoint(best_path)
     model, _ = model_from_checkpoint(state, best_path, setup.device)
-    scores = score_splits(model, setup, setup.config.eval.final_seeds,
-                          log_grid=lambda image, key: tracker.log_image(image, key, step))
+    grids = {}
+
+    def log_grid(image, key):  # in MLflow and beside best.pt, where a user looks first
+        tracker.log_image(image, key, step)
+        grids[key] = Path(best_path).parent / f"{key}.png"
+        image.save(grids[key])
+    scores = score_splits(model, setup, setup.config.eval.final_seeds, log_grid=log_grid)
     chosen = state["val_metrics"]
     metrics = {f"best_{key}": value for key, value in chosen.items()
                if key.startswith("val_") and not key.endswith("_std") and key not in ("val_kid", "val_fd")}
@@ -440,4 +456,5 @@ def score_best_checkpoint(setup, tracker, best_path, step):
     # the machine as the run ends: a resumed run's last one, with every thread (an evaluator trained beside
     # had half of them at the start)
     tracker.set_tags({"best_checkpoint": str(best_path.resolve()), "machine": machine(setup.device)})
-    return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path)}
+    return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path),
+            "grids": [str(path) for path in grids.values()], "tracking_uri": tracker.client.tracking_uri}

@@ -88,10 +88,14 @@ def test_label_files_and_a_prompt(trained, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.partial*"))
 
 
-def test_a_run_id_draws_its_best_checkpoint_and_logs_to_it(trained, tmp_path, capsys):
+def test_a_run_id_draws_its_best_checkpoint_and_logs_to_it(trained, tmp_path, monkeypatch, capsys):
+    """A run id as the checkpoint; a bare label-file name is the run's own data root's file."""
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
     assert sample(f"runs:/{trained['run_id']}", "--tracking-uri", trained["uri"], "--labels",
-                  trained["root"] / "new_test.json", "--seeds", 1, "--out", out, "--log") == 0
+                  "new_test.json", "--seeds", 1, "--out", out, "--log") == 0
+    assert json.loads((out / "summary.json").read_text())["files"][0]["label_sets"] == \
+        len(json.loads((trained["root"] / "new_test.json").read_text()))
     run = MlflowClient(trained["uri"]).get_run(trained["run_id"])
     assert "sample/new_test_accuracy" in run.data.metrics and "sample/new_test_exact_accuracy" in run.data.metrics
     logged = {a.path for a in MlflowClient(trained["uri"]).list_artifacts(trained["run_id"], "sample")}
