@@ -91,7 +91,8 @@ def print_summaries(summaries):
         for grid in s.get("grids", []):
             print(f"grid: {grid}")
     if summaries and summaries[-1].get("tracking_uri"):
-        print(f"to look at the runs: {ui_command(summaries[-1]['tracking_uri'])}, then open http://127.0.0.1:5000")
+        print(f"to look at the runs: {ui_command(summaries[-1]['tracking_uri'])}, then open "
+              "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
 
 
 def ui_command(uri):
