@@ -160,8 +160,7 @@ def add_intervals(table, frame, keys, metric):
         table["vs_base"], table["vs_base_low"], table["vs_base_high"] = (list(c) for c in zip(*differences))
         table["within_noise"] = [within_noise(low, high) for _, low, high in differences]
         table["test"] = tests
-        table["verdict"] = [verdict(difference, noise, metric) for (difference, _, _), noise
-                            in zip(differences, table["within_noise"])]
+        table["verdict"] = [verdict(difference, low, high, metric) for difference, low, high in differences]
         table.loc[base[0], ["vs_base", "vs_base_low", "vs_base_high", "within_noise", "test", "verdict"]] = \
             [math.nan] * 3 + [False, "", ""]
     return table
@@ -175,8 +174,11 @@ def paired_difference(group, reference, metric):
     return mean, low, high
 
 
-def verdict(difference, noise, metric):
-    if math.isnan(difference) or noise:
+def verdict(difference, low, high, metric):
+    """better, worse, noise (the interval holds 0), or no claim (one seed, or one pair, has no interval)."""
+    if math.isnan(difference) or math.isnan(low) or math.isnan(high):
+        return "no claim"
+    if within_noise(low, high):
         return "noise"
     return "better" if (difference < 0) == lower_is_better(metric) else "worse"
 

@@ -187,6 +187,17 @@ def test_a_difference_within_noise_is_marked():
     assert rows[-1].split("|")[6].strip() == "noise (Welch)"
 
 
+def test_one_seed_makes_no_claim():
+    """One training seed a row: no interval, so no verdict either way, whatever the difference."""
+    import pandas as pd
+    runs = pd.DataFrame({"run_id": list("ab"), "ablation": ["base", "guidance"], "params.seed": ["0", "0"],
+                         "params.eval.guidance_scale": ["6.0", "3.0"], "tags.trained_by": [None, "a"],
+                         "metrics.best_val_accuracy": [0.615, 0.581]})
+    table = report.ablation_table(runs)
+    assert table["verdict"].tolist() == ["", "no claim"] and table["test"].tolist() == ["", "paired"]
+    assert table["vs_base"][1] == pytest.approx(-0.034)
+
+
 def test_the_shipped_suites_table_fits_a_terminal():
     """The default table of the shipped ablation suite (every file in experiments/ablations/, 3 seeds, both
     judges' and the test figures logged) fits 120 characters; every row says what it changes."""
