@@ -91,8 +91,11 @@ def print_summaries(summaries):
         for grid in s.get("grids", []):
             print(f"grid: {grid}")
     if summaries and summaries[-1].get("tracking_uri"):
-        print(f"to look at the runs: {ui_command(summaries[-1]['tracking_uri'])}, then open "
-              "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
+        from lab.tracking import experiment_url  # mlflow: not on --dry-run's path
+        uri = summaries[-1]["tracking_uri"]
+        base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"  # mlflow ui's own address
+        url = experiment_url(summaries[-1]["experiment_id"], base)
+        print(f"to look at the runs: {ui_command(uri)}, then open {url}")
 
 
 def ui_command(uri):

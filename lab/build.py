@@ -36,13 +36,13 @@ class SamplingSetup:
     strict_judge: object    # an Evaluator with a count head for these images, or None (no strict figures)
     label_names: list       # label index -> name (objects.json), for the captions of sample grids
     test_labels: dict       # split name -> multi-hot label sets, scored at the end
+    root: Path              # the data root, the synthetic one rendered
 
 
 @dataclass
 class Setup(SamplingSetup):
     """A training run: the sampling setup plus its data, validation labels and run folder."""
     config_path: Path
-    root: Path              # the data root, the synthetic one rendered
     data: object            # lab.data.TrainingSet
     val_labels: torch.Tensor
     out_dir: Path
@@ -124,7 +124,7 @@ def sampling_setup(unet, config, device, splits=None):
                                                                             device),
                          label_names=load_objects(root),
                          test_labels={name: load_condition_sets(root, name)
-                                      for name in splits or final_splits(root, config)})
+                                      for name in splits or final_splits(root, config)}, root=root)
 
 
 # --- how the model trains --------------------------------------------------------------------------------

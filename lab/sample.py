@@ -200,8 +200,7 @@ def main(argv=None):
             raise UserError(path, "has no experiment.yaml: its data root and evaluator are unknown")
         config = with_overrides(ExperimentConfig.model_validate(yaml.safe_load(pipe.experiment_yaml)), args)
         setup = build.sampling_setup(pipe.model.to(device).eval(), config, device, splits=[])
-        root = build.data_root(config)
-        files = {name: read_label_file(name, setup.label_names, root) for name in args.labels}  # all checked first
+        files = {name: read_label_file(name, setup.label_names, setup.root) for name in args.labels}  # all checked first
         prompts = [(prompt, multi_hot_of(prompt, setup.label_names)) for prompt in args.prompt]
         out = Path(args.out).expanduser() if args.out else default_out(path)
         if out.exists() and not out.is_dir():

@@ -318,3 +318,17 @@ def render(table, fmt="markdown", wide=False):
     if fmt == "markdown":
         return to_markdown(table, wide)
     return {"csv": to_csv, "latex": to_latex}[fmt](table)
+
+
+def headline(chosen, scores, select_by, seeds):
+    """A run's figures as a Markdown table, a row for the validation that chose its best.pt (`chosen`: its val_*
+    metrics) and one per test split (`scores`: {split: figures}), both judges' columns as mean ± std over seeds."""
+    def cell(figures, key):
+        return f"{figures[key]:.3f} ± {figures[key + '_std']:.3f}" if key in figures else "-"
+    columns = {"accuracy": "course rule", "exact_accuracy": "exact scenes", "extra_objects": "extra objects",
+               "missing_objects": "missing objects"}
+    rows = [("validation (chose best.pt)", {k.removeprefix("val_"): v for k, v in chosen.items()}),
+            *((f"{name} ({seeds} seeds)", figures) for name, figures in scores.items())]
+    lines = ["| | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(figures, key) for key in columns) + " |" for name, figures in rows]
+    return "\n".join(lines) + f"\n\nbest.pt chosen by {select_by}; the test splits scored once, at the end."

@@ -34,6 +34,26 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit for one param value
 # is the UI's own). 3.17 reads it only when its GenAI/Model training switch is off; with the switch, the
 # switch decides (README: the URL that opens the model-training view).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+EVALUATOR_EXPERIMENT = "evaluator"  # trainings of our evaluator: apart, so compare.py never tables them with generators
+
+
+# A saved view of the runs table, kept on the experiment the way the UI's own "Share" button keeps one: the tag
+# `mlflow.sharedViewState.<key>` holds the view (JSON), the URL names the key. Ours shows the headline figures as
+# columns, best validation first (the UI's default columns are attributes only).
+HEADLINE_VIEW = "headline"
+HEADLINE_METRICS = ("best_val_accuracy", "best_val_exact_accuracy", "test_accuracy", "test_exact_accuracy",
+                    "new_test_accuracy", "new_test_exact_accuracy", "heldout_test_accuracy", "train_minutes")
+
+
+def headline_view():
+    """The runs-table view state MLflow's UI reads from a shared-view tag: columns and sort."""
+    columns = ["tags.`ablation`", *(f"metrics.`{key}`" for key in HEADLINE_METRICS)]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`best_val_accuracy`", "orderByAsc": False})
+
+
+def experiment_url(experiment_id, base="http://127.0.0.1:5000"):
+    """Where the UI shows an experiment's runs in the model-training view with the headline columns."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}"
 
 
 def default_artifact_location(uri, name):
@@ -46,20 +66,23 @@ def default_artifact_location(uri, name):
 
 
 def experiment_id(client, name, artifact_location=None):
-    """The experiment's id, created (as a model-training experiment) when missing; workers starting at
-    once may race to create it. Experiments created before the kind tag existed get it too."""
+    """The experiment's id, created (as a model-training experiment with the headline view) when missing; workers
+    starting at once may race to create it. Experiments created before these tags existed get them too."""
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    if name != EVALUATOR_EXPERIMENT:
+        tags[f"mlflow.sharedViewState.{HEADLINE_VIEW}"] = headline_view()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
             location = artifact_location or default_artifact_location(client.tracking_uri, name)
-            return client.create_experiment(name, artifact_location=location,
-                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return client.create_experiment(name, artifact_location=location, tags=tags)
         except MlflowException as e:
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
             experiment = client.get_experiment_by_name(name)  # another worker created it first
-    if EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    for key, value in tags.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -115,9 +138,6 @@ def log_compare_run(client, experiment, files, table_markdown, filter_string=Non
     client.log_text(run_id, table_markdown, "table.md")
     client.set_terminated(run_id, "FINISHED")
     return run_id
-
-
-EVALUATOR_EXPERIMENT = "evaluator"  # trainings of our evaluator: apart, so compare.py never tables them with generators
 
 
 def run_checkpoint(client, run_id, tmp):
@@ -308,6 +328,13 @@ class Tracker:
             if operation is not None:  # a store without async logging returns None
                 operation.wait()
         self.sending = []
+
+    def describe(self, markdown):
+        """The run's description (MLflow's note): shown at the top of the run page and in the runs table."""
+        self.set_tags({"mlflow.note.content": markdown})
+
+    def experiment_id(self):
+        return self.client.get_run(self.run_id).info.experiment_id
 
     def set_tags(self, tags):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -9,6 +9,7 @@ on the test splits). The MLflow run's life is `Tracker.lifetime`: FINISHED, KILL
 """
 import contextlib
 import copy
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lab import build, parallel, run_folder
-from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint, write_atomic
 from lab.config import to_yaml
 from lab.data.iclevr import normalize
 from lab.diffusion import diffusion_loss, loss_weights
@@ -30,6 +31,7 @@ from lab.hardware import machine
 from lab.metrics import frechet_distance, kernel_distance
 from lab.sampling import generate, grid_image, model_from_checkpoint, score_splits, strip_image
 from lab.stores import resolve_uri
+from lab.tables import headline
 from lab.tracking import NoTracker, Tracker
 
 class NonFiniteLoss(UserError):
@@ -444,8 +446,11 @@ def score_best_checkpoint(setup, tracker, best_path, step):
     def log_grid(image, key):  # in MLflow and beside best.pt, where a user looks first
         tracker.log_image(image, key, step)
         grids[key] = Path(best_path).parent / f"{key}.png"
-        image.save(grids[key])
-    scores = score_splits(model, setup, setup.config.eval.final_seeds, log_grid=log_grid)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        write_atomic(png.getvalue(), grids[key])  # a kill mid-write leaves the last whole grid
+    seeds = setup.config.eval.final_seeds
+    scores = score_splits(model, setup, seeds, log_grid=log_grid)
     chosen = state["val_metrics"]
     metrics = {f"best_{key}": value for key, value in chosen.items()
                if key.startswith("val_") and not key.endswith("_std") and key not in ("val_kid", "val_fd")}
@@ -456,5 +461,7 @@ def score_best_checkpoint(setup, tracker, best_path, step):
     # the machine as the run ends: a resumed run's last one, with every thread (an evaluator trained beside
     # had half of them at the start)
     tracker.set_tags({"best_checkpoint": str(best_path.resolve()), "machine": machine(setup.device)})
+    tracker.describe(headline(chosen, scores, setup.config.eval.select_by, seeds))
     return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path),
-            "grids": [str(path) for path in grids.values()], "tracking_uri": tracker.client.tracking_uri}
+            "grids": [str(path) for path in grids.values()], "tracking_uri": tracker.client.tracking_uri,
+            "experiment_id": tracker.experiment_id()}

@@ -101,6 +101,16 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git_dirty"] in ("true", "false")
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as model training
+    # the runs table's saved view, which the printed URL names: headline columns that the run has, best first
+    view = json.loads(experiment.tags["mlflow.sharedViewState.headline"])
+    assert f"#/experiments/{run.info.experiment_id}?workflowType=machine_learning&viewStateShareKey=headline" in printed
+    shown = [column.split("`")[1] for column in view["selectedColumns"] if column.startswith("metrics.")]
+    assert shown[:3] == ["best_val_accuracy", "best_val_exact_accuracy", "test_accuracy"]
+    assert set(shown) - {"best_val_exact_accuracy", "test_exact_accuracy", "new_test_exact_accuracy"} <= set(metrics)
+    assert view["orderByKey"] == "metrics.`best_val_accuracy`" and view["orderByAsc"] is False
+    # the run page's description: the headline figures, validation then each test split
+    note = tags["mlflow.note.content"]
+    assert "| validation (chose best.pt) |" in note and f"{metrics['test_accuracy']:.3f} ±" in note
     steps_per_epoch = 60 // 8
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in loss] == list(range(2, 3 * steps_per_epoch + 1, 2)) + [3 * steps_per_epoch] * (3 * steps_per_epoch % 2)
