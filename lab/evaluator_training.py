@@ -27,8 +27,8 @@ from tqdm import tqdm
 from lab.checkpoints import write_atomic
 from lab.data.iclevr import TrainingSet, load_train, multi_hot, normalize
 from lab.data.labels import label_indices, read_json
-from lab.data.synthetic import KINDS, default_root, label_maps, write_kinds_root, write_root
-from lab.eval import (COUNT_CLASSES, EVALUATOR_SIZE, VERDICTS, binding_errors, build_count_head, build_resnet,
+from lab.data.synthetic import GROUND, KINDS, default_root, object_maps, write_kinds_root, write_root
+from lab.eval import (EVALUATOR_SIZE, VERDICTS, binding_errors, build_count_head, build_resnet, expected_counts,
                       course_accuracy, for_evaluator, load_evaluator, per_label_report, resize, save_evaluator,
                       scene_verdicts)
 from lab.hardware import fast_bf16
@@ -41,7 +41,10 @@ RECIPE = {
     "extra_scenes": 2000,       # synthetic scenes of `extra_objects` objects, one image per prefix
     "extra_objects": 5,
     "extra_repeats": 0.8,       # of them, scenes that repeat labels: what the count head learns to count
-    "count_weight": 2.0,        # weight of the count head's loss (roots whose scenes repeat labels only)
+    # Weight of the count head's loss (roots whose scenes repeat labels only): its cross-entropy against where the
+    # objects' centres lie plus `count_sum_weight` times the error of the count
+    "count_weight": 2.0,
+    "count_sum_weight": 0.5,
     # [input size, images seen, peak learning rate] per phase: one phase at the evaluator's own 64x64 (a 32x32
     # phase runs faster but transfers badly); accuracy grows with the images seen (docs/evaluator.md).
     "phases": [[64, 125_000, 2e-3]],
@@ -68,9 +71,9 @@ def recipe_digest(recipe=None):
 
 def teaches_counting(root, recipe=RECIPE):
     """Whether our evaluator for `root` gets the strict judge's count head: on synthetic roots, whose extra
-    scenes repeat labels (a real root's scenes never do)."""
+    scenes repeat labels (a real root's scenes never do) and whose object maps say where each object is."""
     return (Path(root) / "synthetic.json").is_file() and bool(recipe["extra_scenes"] and recipe["extra_repeats"]
-                                                              and recipe["count_weight"])
+                                                              and recipe["count_weight"] and recipe["dense_weight"])
 
 
 def extra_root(root, recipe):
@@ -84,7 +87,7 @@ def extra_root(root, recipe):
 
 def training_set(root, recipe):
     """The root's training images, plus the extra scenes of up to 5 objects when the root is synthetic, with
-    their label maps when the recipe supervises layer2 densely (synthetic roots only: a real root has none)."""
+    their object maps when the recipe supervises layer2 densely (synthetic roots only: a real root has none)."""
     data, roots = load_train(root), [root]
     more = extra_root(root, recipe)
     if more is not None:
@@ -94,8 +97,8 @@ def training_set(root, recipe):
         data = TrainingSet(torch.cat([data.images, extra.images]), torch.cat([data.labels, extra.labels]),
                            data.names + extra.names, data.label_names, counts=torch.cat([data.counts, extra.counts]))
         roots.append(more)
-    if recipe["dense_weight"] and (maps := [label_maps(r) for r in roots])[0] is not None:
-        data.label_maps = torch.from_numpy(np.concatenate(maps))
+    if recipe["dense_weight"] and (maps := [object_maps(r) for r in roots])[0] is not None:
+        data.object_maps = torch.from_numpy(np.concatenate(maps))
     return data
 
 
@@ -103,19 +106,19 @@ def augment(x, generator, size=64, draw_sizes=(64,), shift=4, maps=None):
     """Label-preserving augmentation of a batch in [-1, 1]: horizontal flips (labels have no left or
     right), a shift of up to `shift` pixels, a little pixel noise (samples are noisier than renders);
     each image is drawn at one of `draw_sizes` and upsampled to 64 as samples are, then resized to the
-    phase's input `size`. With `maps` (B, 64, 64 label maps) returns them flipped and shifted alike too."""
+    phase's input `size`. With `maps` (B, ..., 64, 64: object maps) returns them flipped and shifted alike too."""
     b, device = len(x), x.device
     flip = torch.rand(b, generator=generator, device=device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if maps is not None:
-        maps = torch.where(flip[:, None, None], maps.flip(2), maps)
+        maps = torch.where(flip.view(-1, *[1] * (maps.dim() - 1)), maps.flip(-1), maps)
     if shift:
         h, w = x.shape[-2:]
         dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=generator, device=device).tolist()
         x = F.pad(x, (shift,) * 4, mode="replicate")[..., dy:dy + h, dx:dx + w]
         if maps is not None:
-            padded = F.pad(maps[:, None].float(), (shift,) * 4, mode="replicate")
-            maps = padded[:, 0, dy:dy + h, dx:dx + w].to(maps.dtype)
+            padded = F.pad(maps.flatten(0, -3)[:, None].float(), (shift,) * 4, mode="replicate")
+            maps = padded[:, 0, dy:dy + h, dx:dx + w].to(maps.dtype).view(maps.shape)
     if size == EVALUATOR_SIZE:
         drawn = torch.randint(0, len(draw_sizes), (b,), generator=generator, device=device)
         for i, draw in enumerate(draw_sizes):
@@ -140,6 +143,43 @@ def coverage(maps, classes, cells):
                             minlength=b * (classes + 1) * cells * cells)
     pixels = (size // cells) ** 2
     return (counts.view(b, classes + 1, cells, cells)[:, :classes] / pixels).float()
+
+
+def centres(maps, classes, cells, slots=8):
+    """(B, classes, cells, cells): a unit of mass per object seen in object maps (B, 2, size, size), at the centre
+    of its visible pixels, split bilinearly between the four nearest cell centres; summed over the cells, how many
+    objects of each label an image shows."""
+    b, size = len(maps), maps.shape[-1]
+    labels, objects = maps[:, 0].long(), maps[:, 1].long()
+    seen = objects != GROUND
+    key = (torch.arange(b, device=maps.device)[:, None, None] * slots + objects)[seen]
+    ys, xs = torch.meshgrid(torch.arange(size, device=maps.device), torch.arange(size, device=maps.device),
+                            indexing="ij")
+    pixels = torch.bincount(key, minlength=b * slots)
+    present = pixels > 0
+    where = [torch.bincount(key, weights=grid.expand(b, size, size)[seen].float(), minlength=b * slots)[present]
+             / pixels[present] for grid in (ys, xs)]
+    label = torch.zeros(b * slots, dtype=torch.long, device=maps.device).scatter_(0, key, labels[seen])[present]
+    image = torch.arange(b * slots, device=maps.device)[present] // slots
+    density = torch.zeros(b, classes, cells, cells, device=maps.device)
+    # pixel centre -> cell coordinates (cell centres at integers), kept inside the grid
+    y, x = [((w + 0.5) * cells / size - 0.5).clamp(0, cells - 1) for w in where]
+    y0, x0 = y.floor().long(), x.floor().long()
+    y1, x1 = (y0 + 1).clamp(max=cells - 1), (x0 + 1).clamp(max=cells - 1)
+    wy, wx = y - y0, x - x0
+    for rows, cols, weight in ((y0, x0, (1 - wy) * (1 - wx)), (y0, x1, (1 - wy) * wx), (y1, x0, wy * (1 - wx)),
+                               (y1, x1, wy * wx)):
+        density.index_put_((image, label, rows, cols), weight, accumulate=True)
+    return density
+
+
+def count_loss(centre_logits, target, sum_weight):
+    """Per image: a count head's binary cross-entropy against the centres' mass in each cell (a cell holding two
+    centres of one label counts as sure), summed over the cells and averaged over the labels, plus `sum_weight`
+    times the smooth L1 error of the expected count."""
+    where = F.binary_cross_entropy_with_logits(centre_logits, target.clamp(max=1), reduction="none").sum((2, 3))
+    how_many = F.smooth_l1_loss(expected_counts(centre_logits), target.sum((2, 3)), reduction="none")
+    return where.mean(1) + sum_weight * how_many.mean(1)
 
 
 def batches(last_loss, steps, batch_size, hard_fraction):
@@ -202,7 +242,7 @@ def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
         x = torch.randn(batch_size, 3, EVALUATOR_SIZE, EVALUATOR_SIZE, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
         target = (torch.rand(batch_size, 24, device=device) < 0.1).float()
-        counts = torch.randint(0, COUNT_CLASSES, (batch_size, 24), device=device)
+        centre_target = torch.rand(batch_size, 24, 8, 8, device=device) * (torch.rand(batch_size, 24, 8, 8, device=device) < 0.01)
         speed = {}
         for case, (small_maps, counting) in cases.items():
             torch.manual_seed(0)
@@ -213,13 +253,15 @@ def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
                 if i == warmup:
                     start = time.perf_counter()
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device)):
-                    layer3 = upper[0](lower(x))
+                    layer2 = lower(x)
+                    layer3 = upper[0](layer2)
                     layer4 = upper[1](layer3)
                     logits = model.fc[0](layer4.mean((2, 3)))
-                    count_logits = count_head(layer3, layer4) if counting else None
+                    centre_logits = count_head(layer2, layer3, layer4) if counting else None
                 loss = F.binary_cross_entropy_with_logits(logits.float(), target)
                 if counting:
-                    loss = loss + RECIPE["count_weight"] * F.cross_entropy(count_logits.float().transpose(1, 2), counts)
+                    loss = loss + RECIPE["count_weight"] * count_loss(centre_logits.float(), centre_target,
+                                                                      RECIPE["count_sum_weight"]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -256,14 +298,15 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
     recipe = {**RECIPE, **(recipe or {})}
     torch.manual_seed(recipe["seed"])
     data = data if data is not None else training_set(root, recipe)
-    images, labels, counts = data.images, data.labels, data.counts.clamp(max=COUNT_CLASSES - 1).long()
+    images, labels = data.images, data.labels
     model, lower, upper = training_modules(labels.shape[1], device)
-    count_head = build_count_head(labels.shape[1]).to(device) if recipe["count_weight"] and counts.max() > 1 else None
     body = nn.Sequential(lower, upper)
     # Dense supervision: a 1x1 convolution on layer2 predicts how much of each cell every label covers, so that
     # small far objects teach the early layers directly. Trained alongside, never saved: the checkpoint stays
-    # the course's.
-    maps = data.label_maps if recipe["dense_weight"] else None
+    # the course's. The count head learns from the same maps where each object's centre lies.
+    maps = data.object_maps if recipe["dense_weight"] else None
+    counting = maps is not None and recipe["count_weight"] and data.counts.max() > 1
+    count_head = build_count_head(labels.shape[1]).to(device) if counting else None
     dense_head = None if maps is None else nn.Conv2d(model.layer2[-1].bn2.num_features, labels.shape[1], 1).to(device)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast_bf16(device))
     batch_size, draw_sizes = recipe["batch_size"], recipe["draw_sizes"]
@@ -300,14 +343,15 @@ def train_evaluator(root, out, recipe=None, device="cpu", log=print, tracker=Non
             per_image = F.binary_cross_entropy_with_logits(logits.float(), labels[idx].to(device), reduction="none").mean(1)
             if count_head is not None:
                 with autocast:
-                    count_logits = count_head(layer3, layer4).float()
-                per_image = per_image + recipe["count_weight"] * F.cross_entropy(
-                    count_logits.transpose(1, 2), counts[idx].to(device), reduction="none").mean(1)
+                    centre_logits = count_head(features, layer3, layer4).float()
+                target = centres(batch_maps, labels.shape[1], centre_logits.shape[-1])
+                per_image = per_image + recipe["count_weight"] * count_loss(centre_logits, target,
+                                                                            recipe["count_sum_weight"])
             loss = per_image.mean()
             if dense_head is not None:
                 with autocast:
                     dense_logits = dense_head(features).float()
-                target = coverage(batch_maps, labels.shape[1], dense_logits.shape[-1])
+                target = coverage(batch_maps[:, 0], labels.shape[1], dense_logits.shape[-1])
                 loss = loss + recipe["dense_weight"] * F.binary_cross_entropy_with_logits(dense_logits, target)
             last_loss[idx] = per_image.detach().cpu()
             opt.zero_grad(set_to_none=True)

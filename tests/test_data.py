@@ -52,22 +52,26 @@ def test_synthetic_splits(tiny_root):
     assert not test_sets & {frozenset(s) for s in json.loads((tiny_root / "val.json").read_text())}
 
 
-def test_label_maps_show_each_images_objects_where_they_are_drawn(tiny_root, tmp_path):
-    """The evaluator's dense targets: per pixel, the label of the object drawn there (GROUND elsewhere)."""
+def test_object_maps_show_each_images_objects_where_they_are_drawn(tiny_root, tmp_path):
+    """The evaluator's dense targets: per pixel, the label of the object drawn there and which object of its scene
+    it is (GROUND elsewhere)."""
     from lab.data.render import render_scene
-    from lab.data.synthetic import GROUND, label_maps
+    from lab.data.synthetic import GROUND, object_maps
     data = load_train(tiny_root, cache_dir=tmp_path)
-    maps = torch.from_numpy(label_maps(tiny_root, workers=1))
-    assert maps.shape == (len(data.names), 64, 64) and maps.dtype == torch.uint8
-    for image_labels, image_map in zip(data.labels, maps):
-        assert set(image_map.unique().tolist()) - {GROUND} == set(image_labels.nonzero().flatten().tolist())
+    maps = torch.from_numpy(object_maps(tiny_root, workers=1))
+    assert maps.shape == (len(data.names), 2, 64, 64) and maps.dtype == torch.uint8
+    for name, image_labels, image_map in zip(data.names, data.labels, maps):
+        assert set(image_map[0].unique().tolist()) - {GROUND} == set(image_labels.nonzero().flatten().tolist())
+        shown = int(name.removesuffix(".png").rsplit("_", 1)[1]) + 1  # CLEVR_train_{scene}_{k}: k + 1 objects
+        assert set(image_map[1].unique().tolist()) - {GROUND} == set(range(shown))
+        assert torch.equal(image_map[0] == GROUND, image_map[1] == GROUND)
     Image.fromarray(render_scene([], supersample=1)).save(tmp_path / "ground.png")
     ground = torch.from_numpy(iclevr.decode(tmp_path / "ground.png", 64)).int()
     changed = (data.images.int() - ground).abs().sum(1) > 24  # (N, 64, 64): pixels the objects alter
-    on_objects = changed[maps != GROUND].float().mean()
-    on_ground = changed[maps == GROUND].float().mean()  # shadows and the objects' blurred edges
+    on_objects = changed[maps[:, 0] != GROUND].float().mean()
+    on_ground = changed[maps[:, 0] == GROUND].float().mean()  # shadows and the objects' blurred edges
     assert on_objects > 0.9 and on_ground < 0.05, (on_objects, on_ground)
-    assert label_maps(tmp_path) is None  # a real root (no synthetic.json) has none
+    assert object_maps(tmp_path) is None  # a real root (no synthetic.json) has none
 
 
 def test_render_is_deterministic_by_seed(tmp_path, tiny_root):

@@ -142,17 +142,34 @@ def test_augment_draws_images_at_low_resolution_like_samples_upsampled_to_64():
     assert (low - expected).abs().mean() < 0.05  # only the pixel noise differs
 
 
-def test_augment_moves_label_maps_with_their_images():
+def test_augment_moves_object_maps_with_their_images():
     """Dense supervision's targets follow the flips and shifts of the image they describe, pixel for pixel."""
     from lab.data.synthetic import GROUND
     from lab.evaluator_training import augment
     gen = torch.Generator().manual_seed(0)
-    maps = torch.full((16, 64, 64), GROUND, dtype=torch.uint8)
-    maps[:, 20:30, 5:15], maps[:, 40:44, 50:60] = 3, 17
-    x = torch.where(maps != GROUND, 1.0, -1.0)[:, None].repeat(1, 3, 1, 1)
+    maps = torch.full((16, 2, 64, 64), GROUND, dtype=torch.uint8)
+    maps[:, :, 20:30, 5:15], maps[:, 0, 40:44, 50:60], maps[:, 1, 40:44, 50:60] = 3, 17, 1
+    x = torch.where(maps[:, 0] != GROUND, 1.0, -1.0)[:, None].repeat(1, 3, 1, 1)
     out, moved = augment(x, gen, draw_sizes=(64,), maps=maps)
-    assert moved.dtype == torch.uint8 and not torch.equal(moved, maps)  # flipped or shifted
-    assert torch.equal(out[:, 0] > 0, moved != GROUND)
+    assert moved.dtype == torch.uint8 and moved.shape == maps.shape and not torch.equal(moved, maps)
+    assert torch.equal(out[:, 0] > 0, moved[:, 0] != GROUND)
+    assert torch.equal(moved[:, 0] == 17, moved[:, 1] == 1)  # label and object stay together
+
+
+def test_centres_put_one_unit_per_object_where_it_stands():
+    """The count head's target: a unit of mass per visible object at its centre, so two of a kind count two."""
+    from lab.data.synthetic import GROUND
+    from lab.evaluator_training import centres
+    maps = torch.full((2, 2, 64, 64), GROUND, dtype=torch.uint8)
+    maps[0, 0, :8, :8], maps[0, 1, :8, :8] = 3, 0  # centred on the top left cell's centre
+    maps[0, 0, 19:29, 43:53], maps[0, 1, 19:29, 43:53] = 3, 1  # a second of the same label, between four cells
+    maps[0, 0, 50:60, 10:20], maps[0, 1, 50:60, 10:20] = 7, 2
+    maps[1, 0, 56:, 56:], maps[1, 1, 56:, 56:] = 23, 0
+    density = centres(maps, 24, 8)
+    counts = density.sum((2, 3))
+    assert counts[0, 3] == 2 and counts[0, 7] == 1 and counts[1, 23] == 1 and counts.sum() == 4
+    assert density[0, 3, 0, 0] == 1 and density[1, 23, 7, 7] == 1  # a centre on a cell's centre stays whole
+    assert torch.allclose(density[0, 3, 2:4, 5:7], torch.full((2, 2), 0.25))  # between four cells: split evenly
 
 
 def test_coverage_is_the_fraction_of_each_cell_each_label_covers():

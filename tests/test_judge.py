@@ -84,10 +84,11 @@ def test_the_count_head_sits_beside_the_course_format(tmp_path):
     course.eval()
     with torch.no_grad():
         assert torch.allclose(course(x), ours.predict(x), atol=1e-6)
-        layer3 = nn.Sequential(*list(model.eval().children())[:-3])(x)
-        logits = head.eval()(layer3, model.layer4(layer3))
-    assert torch.equal(ours.counts(x), logits.argmax(2))
-    torch.save({"model": model.state_dict(), "counts": {"mlp.0.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pth")
+        layer2 = nn.Sequential(*list(model.eval().children())[:-4])(x)
+        layer3 = model.layer3(layer2)
+        centre_logits = head.eval()(layer2, layer3, model.layer4(layer3))
+    assert torch.equal(ours.counts(x), torch.sigmoid(centre_logits).sum((2, 3)).round().clamp(max=3).long())
+    torch.save({"model": model.state_dict(), "counts": {"mix.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="bad.pth: weights do not fit the strict judge's count head"):
         load_evaluator(tmp_path / "bad.pth")
 

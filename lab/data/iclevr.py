@@ -91,7 +91,8 @@ class TrainingSet:
     labels: torch.Tensor   # (N, num_labels) float multi-hot
     names: list            # image file names, in train.json order
     label_names: list      # label names in index order
-    label_maps: torch.Tensor | None = None  # (N, 64, 64) uint8 label seen at each pixel (lab.data.synthetic.label_maps)
+    # (N, 2, 64, 64) uint8: the label and the object seen at each pixel (lab.data.synthetic.object_maps)
+    object_maps: torch.Tensor | None = None
     counts: torch.Tensor | None = None  # (N, num_labels) uint8 objects of each label (repeats in train.json)
 
 

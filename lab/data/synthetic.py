@@ -35,7 +35,7 @@ SPLIT_SIZES = {  # (singles, doubles, triples), as in the real files
 NUM_HELDOUT_PAIRS = 8
 GENERATOR_VERSION = 3  # bump when the renderer or the splits change: cached roots are regenerated
 DEFAULT_SCENES = 6003  # the default root's scenes (3 images each, as the real training set's 18,009)
-GROUND = 255  # label_maps' value where no object is seen
+GROUND = 255  # object_maps' value where no object is seen
 
 
 def _sample_set(rng, k, forbidden):
@@ -252,7 +252,7 @@ def default_root(seed=0, scenes=DEFAULT_SCENES, cache_dir=None, objects=3, repea
     return root
 
 
-def _scene_label_maps(args):
+def _scene_object_maps(args):
     seed, scene, labels, size, height = args
     objects = scene_objects(seed, scene, labels)
     # The frame is stretched to a square image as the renders are: cast `height` rows of `size`, stretch them.
@@ -260,14 +260,16 @@ def _scene_label_maps(args):
     maps = []
     for k in range(len(objects)):
         nearest = id_buffer(objects[:k + 1], size, height)[rows]
-        maps.append(np.where(nearest >= 0, np.array(labels)[nearest], GROUND).astype(np.uint8))
+        seen = np.where(nearest >= 0, np.array(labels)[nearest], GROUND)
+        maps.append(np.stack([seen, np.where(nearest >= 0, nearest, GROUND)]).astype(np.uint8))
     return scene, maps
 
 
-def label_maps(root, size=64, workers=None):
-    """(N, size, size) uint8 array for the training images of a synthetic root, in train.json order: the label
-    index of the object seen at each pixel, GROUND where the ground shows. Recomputed from the root's seed
-    (a few seconds); None for a real root, which has no such maps."""
+def object_maps(root, size=64, workers=None):
+    """(N, 2, size, size) uint8 array for the training images of a synthetic root, in train.json order: per pixel
+    the label index of the object seen there and which object of its scene it is (its place in the scene), GROUND
+    where the ground shows. Recomputed from the root's seed (a few seconds); None for a real root, which has no
+    such maps."""
     meta_path = Path(root) / "synthetic.json"
     if not meta_path.is_file():
         return None
@@ -276,7 +278,7 @@ def label_maps(root, size=64, workers=None):
     height = round(size * meta["height"] / meta["width"])
     jobs = [(meta["seed"], scene, labels, size, height) for scene, labels in enumerate(train)]
     with get_context("fork" if os.name == "posix" else "spawn").Pool(workers or os.cpu_count() or 1) as pool:
-        per_scene = dict(pool.imap_unordered(_scene_label_maps, jobs, chunksize=32))
+        per_scene = dict(pool.imap_unordered(_scene_object_maps, jobs, chunksize=32))
     maps = []
     for name in json.loads((Path(root) / "train.json").read_text()):
         scene, k = name.removesuffix(".png").rsplit("_", 2)[1:]  # CLEVR_train_{scene}_{k}.png
