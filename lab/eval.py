@@ -27,7 +27,10 @@ from lab.checkpoints import atomic_save, safe_load
 from lab.errors import UserError
 
 EVALUATOR_SIZE = 64  # the evaluator reads 64x64 images whatever size the model draws
-MOST_COUNTED = 3  # the strict judge's answer per label: 0, 1, 2, or 3 meaning 3 and more objects
+# Where the strict judge's expected count of a label steps from 0 to 1, 1 to 2 and 2 to 3 (3 meaning 3 or more).
+# The 1-to-2 step at 1.35 rather than 1.5 was chosen on a validation render of every kind, apart from the check's
+# (`python -m lab.eval thresholds`): a second object of one kind is often seen as less than a whole one.
+COUNT_STEPS = (0.5, 1.35, 2.5)
 
 
 def build_resnet(num_labels=24):
@@ -62,9 +65,11 @@ def expected_counts(centre_logits):
     return torch.sigmoid(centre_logits.float()).sum((2, 3))
 
 
-def counted(centre_logits):
-    """A count head's logits -> objects of each label (B, num_labels), rounded, 3 meaning 3 or more."""
-    return expected_counts(centre_logits).round().clamp(max=MOST_COUNTED).long()
+def counted(centre_logits, steps=COUNT_STEPS):
+    """A count head's logits -> objects of each label (B, num_labels): how many of `steps` the expected count
+    reaches, 3 meaning 3 or more."""
+    expected = expected_counts(centre_logits)
+    return sum((expected >= step).long() for step in steps)
 
 
 def build_count_head(num_labels=24):
@@ -145,6 +150,7 @@ class Evaluator:
         self.model = model.to(device).eval()
         self.count_head = None if count_head is None else count_head.to(device).eval()
         self.device, self.batch_size = device, batch_size
+        self.count_steps = COUNT_STEPS
         self.body = nn.Sequential(*list(self.model.children())[:-4])  # up to layer2's map
 
     @property
@@ -164,7 +170,7 @@ class Evaluator:
             features.append(pooled.cpu())
             probs.append(self.model.fc(pooled).cpu())
             if self.count_head is not None:
-                counts.append(counted(self.count_head(layer2, layer3, layer4)).cpu())
+                counts.append(counted(self.count_head(layer2, layer3, layer4), self.count_steps).cpu())
         return torch.cat(probs), torch.cat(features), torch.cat(counts) if counts else None
 
     def predict(self, images):

@@ -1,5 +1,6 @@
-"""`python -m lab.eval train|check|bench` (entry point `ddpm-lab-eval`): train our evaluator on a root and check
-it on freshly rendered held-out scenes, check any evaluator checkpoint, or time the evaluator's training step."""
+"""`python -m lab.eval train|check|thresholds|bench` (entry point `ddpm-lab-eval`): train our evaluator on a root
+and check it on freshly rendered held-out scenes, check any evaluator checkpoint, scan the strict judge's count
+steps, or time the evaluator's training step."""
 import argparse
 import sys
 from pathlib import Path
@@ -9,8 +10,8 @@ import torch
 from lab.data.roots import resolve_root
 from lab.errors import UserError, reports_user_errors
 from lab.evaluator_cache import default_evaluator_path
-from lab.evaluator_training import (RECIPE, heldout_check, step_benchmark, strict_check, summary_lines,
-                                    train_and_check)
+from lab.evaluator_training import (RECIPE, THRESHOLD_SEED, heldout_check, step_benchmark, strict_check,
+                                    summary_lines, threshold_scan, train_and_check)
 
 
 @reports_user_errors
@@ -28,6 +29,12 @@ def main(argv=None):
     check = sub.add_parser("check", help="score a checkpoint on freshly rendered held-out scenes: the course's rule, "
                                          "and the strict judge on correct, duplicated, extra and missing scenes")
     check.add_argument("checkpoint")
+    thresholds = sub.add_parser("thresholds", help="the strict judge's verdicts per kind with its expected count "
+                                                   "stepping from 1 to 2 at each value, on scenes of another seed")
+    thresholds.add_argument("checkpoint")
+    thresholds.add_argument("--two-at", type=float, nargs="+", default=[1.3, 1.35, 1.4, 1.45, 1.5])
+    thresholds.add_argument("--seed", type=int, default=THRESHOLD_SEED, help="seed of the rendered scenes")
+    thresholds.add_argument("--scenes", type=int, default=1000, help="scenes of each kind")
     bench = sub.add_parser("bench", help="training images/s of the evaluator's step, with and without the strict "
                                          "judge's count head, layer4 as oneDNN's "
                                          "convolution and as a matmul, side by side")
@@ -43,6 +50,11 @@ def main(argv=None):
         table = step_benchmark(args.batch_sizes, args.steps, device=device)
         print(f"evaluator training step, {torch.get_num_threads()} threads on {device}:")
         print(table.to_string(index=False, float_format="%.2f"))
+        return 0
+    if args.command == "thresholds":
+        table = threshold_scan(args.checkpoint, args.two_at, args.scenes, args.seed, device=device)
+        print(f"exact-scene verdict right per kind, scenes of seed {args.seed}:")
+        print(table.to_string(index=False, float_format="%.3f"))
         return 0
     if args.command == "train":
         recipe = {"phases": parse_phases(args.phases)} if args.phases else None

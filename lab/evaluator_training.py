@@ -28,9 +28,10 @@ from lab.checkpoints import write_atomic
 from lab.data.iclevr import TrainingSet, load_train, multi_hot, normalize
 from lab.data.labels import label_indices, read_json
 from lab.data.synthetic import GROUND, KINDS, default_root, object_maps, write_kinds_root, write_root
-from lab.eval import (EVALUATOR_SIZE, VERDICTS, binding_errors, build_count_head, build_resnet, expected_counts,
-                      course_accuracy, for_evaluator, load_evaluator, per_label_report, resize, save_evaluator,
-                      scene_verdicts)
+from lab.eval import (COUNT_STEPS, EVALUATOR_SIZE, VERDICTS, binding_errors, build_count_head, build_resnet,
+                      course_accuracy, expected_counts, for_evaluator, load_evaluator, per_label_report, resize,
+                      save_evaluator, scene_verdicts)
+from lab.errors import UserError
 from lab.hardware import fast_bf16
 from lab.stores import resolve_uri
 from lab.tracking import Tracker
@@ -63,6 +64,7 @@ RECIPE = {
 EXTRA_SEED = 1_000  # the extra scenes' seed, apart from the generator's roots (0, ...) and the checks'
 HELDOUT_SEED = 10_001  # held-out scenes: a seed no training set uses
 STRICT_SEED = 20_001  # the strict judge's held-out scenes: another unused seed
+THRESHOLD_SEED = 30_001  # the scenes its count steps are chosen on: apart from the check's
 
 
 def recipe_digest(recipe=None):
@@ -452,6 +454,22 @@ def score_kinds(evaluator, root, cache_dir=None):
             results[f"{kind}, {resolution}"] = {"right": float(right.float().mean()),
                                                 "named": float(named.float().mean()), "images": int(rows.sum())}
     return results
+
+
+def threshold_scan(checkpoint, two_at, per_kind=1000, seed=THRESHOLD_SEED, device="cpu"):
+    """How COUNT_STEPS is chosen: the strict judge's exact-scene verdict right per kind and resolution (`score_kinds`)
+    with its expected count stepping from 1 to 2 at each of `two_at`, on scenes of every kind rendered from `seed`
+    (by default one apart from the check's). A DataFrame, a row per step."""
+    evaluator = load_evaluator(checkpoint, device)
+    if not evaluator.strict:
+        raise UserError(checkpoint, "has no count head (not a strict judge)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_kinds_root(Path(tmp) / "kinds", per_kind, seed, progress=False)
+        for two in two_at:
+            evaluator.count_steps = (COUNT_STEPS[0], two, *COUNT_STEPS[2:])
+            rows.append({"1 to 2 at": two, **{case: r["right"] for case, r in score_kinds(evaluator, root, tmp).items()}})
+    return pd.DataFrame(rows)
 
 
 def metric_key(case, prefix="heldout"):

@@ -87,7 +87,8 @@ def test_the_count_head_sits_beside_the_course_format(tmp_path):
         layer2 = nn.Sequential(*list(model.eval().children())[:-4])(x)
         layer3 = model.layer3(layer2)
         centre_logits = head.eval()(layer2, layer3, model.layer4(layer3))
-    assert torch.equal(ours.counts(x), torch.sigmoid(centre_logits).sum((2, 3)).round().clamp(max=3).long())
+    expected = torch.sigmoid(centre_logits).sum((2, 3))
+    assert torch.equal(ours.counts(x), (expected >= 0.5).long() + (expected >= 1.35).long() + (expected >= 2.5).long())
     torch.save({"model": model.state_dict(), "counts": {"mix.weight": torch.zeros(3, 3)}}, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="bad.pth: weights do not fit the strict judge's count head"):
         load_evaluator(tmp_path / "bad.pth")
@@ -203,3 +204,27 @@ def test_selecting_by_exact_scenes_needs_a_strict_judge(tiny_experiment, capsys)
     assert main([str(tiny_experiment), "--set", "eval.select_by=val_exact_accuracy"]) == 1
     assert "eval.select_by: val_exact_accuracy needs a strict judge" in capsys.readouterr().err
     assert mlflow.search_runs(experiment_names=["tiny"], output_format="list") == []
+
+
+def test_counts_step_where_the_thresholds_say():
+    """Half an object is one, a second is counted from 1.35, and anything from 2.5 is '3 or more'."""
+    from lab.eval import counted
+    expected = torch.tensor([0.2, 0.6, 1.3, 1.4, 2.0, 2.6, 7.0])
+    logits = torch.logit(expected / 64).view(1, -1, 1, 1).expand(1, -1, 8, 8)  # spread evenly over 64 cells
+    assert counted(logits).tolist() == [[0, 1, 1, 2, 2, 3, 3]]
+    assert counted(logits, steps=(0.5, 1.5, 2.5)).tolist() == [[0, 1, 1, 1, 2, 3, 3]]
+
+
+def test_the_threshold_scan_prints_a_row_per_step(tmp_path, capsys):
+    """`python -m lab.eval thresholds` scores every kind at each 1-to-2 step; an evaluator without counts is one
+    line."""
+    from lab.evaluator_cli import main
+    torch.manual_seed(0)
+    save_evaluator(build_resnet(), tmp_path / "strict.pth", build_count_head())
+    assert main(["thresholds", str(tmp_path / "strict.pth"), "--scenes", "2", "--two-at", "1.35", "1.5"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["1.350", "1.500"]
+    assert all(len(row.split()) == 9 for row in rows)  # the step, then 4 kinds at 2 resolutions
+    save_evaluator(build_resnet(), tmp_path / "course.pth")
+    assert main(["thresholds", str(tmp_path / "course.pth"), "--scenes", "2"]) == 1
+    assert capsys.readouterr().err.strip().endswith("course.pth: has no count head (not a strict judge)")
