@@ -244,7 +244,8 @@ def step_benchmark(batch_sizes=(64, 96), steps=60, warmup=5, device="cpu"):
         x = torch.randn(batch_size, 3, EVALUATOR_SIZE, EVALUATOR_SIZE, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
         target = (torch.rand(batch_size, 24, device=device) < 0.1).float()
-        centre_target = torch.rand(batch_size, 24, 8, 8, device=device) * (torch.rand(batch_size, 24, 8, 8, device=device) < 0.01)
+        cells = (batch_size, 24, 8, 8)  # layer2's grid at the 64x64 input, a few centres in it
+        centre_target = torch.rand(cells, device=device) * (torch.rand(cells, device=device) < 0.01)
         speed = {}
         for case, (small_maps, counting) in cases.items():
             torch.manual_seed(0)
@@ -468,7 +469,8 @@ def threshold_scan(checkpoint, two_at, per_kind=1000, seed=THRESHOLD_SEED, devic
         root = write_kinds_root(Path(tmp) / "kinds", per_kind, seed, progress=False)
         for two in two_at:
             evaluator.count_steps = (COUNT_STEPS[0], two, *COUNT_STEPS[2:])
-            rows.append({"1 to 2 at": two, **{case: r["right"] for case, r in score_kinds(evaluator, root, tmp).items()}})
+            right = {case: r["right"] for case, r in score_kinds(evaluator, root, tmp).items()}
+            rows.append({"1 to 2 at": two, **right})
     return pd.DataFrame(rows)
 
 
