@@ -21,7 +21,7 @@ from lab.errors import UserError
 from lab.stores import check_reachable, resolve_uri
 from lab.tables import (DEFAULT_GROUP_BY, DEFAULT_METRIC, ablation_table, is_test_metric, lower_is_better,
                         metric_column, render)
-from lab.tracking import COMPARE_TAG, log_compare_run, log_final_scores, run_checkpoint
+from lab.tracking import COMPARE_TAG, log_compare_run, log_final_scores, metric_name, run_checkpoint
 
 # --- loading -------------------------------------------------------------------------------------------
 
@@ -59,7 +59,7 @@ def load_runs(client, experiment, filter_string=None):
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "start_time": run.info.start_time,
                      **{f"params.{k}": v for k, v in run.data.params.items()},
                      **{f"tags.{k}": v for k, v in run.data.tags.items()},
-                     **{f"metrics.{k}": v for k, v in run.data.metrics.items()}})
+                     **{f"metrics.{metric_name(k)}": v for k, v in run.data.metrics.items()}})
     if not rows:
         where = f" matching {filter_string!r}" if filter_string else ""
         raise UserError("--experiment", f"no finished runs{where} in experiment {experiment!r}")

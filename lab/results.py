@@ -20,6 +20,7 @@ from lab.errors import UserError, reports_user_errors
 from lab.charts import row_labels, write_charts
 from lab.report import load_runs, open_store
 from lab.tables import DEFAULT_METRIC, ablation_table, render
+from lab.tracking import metric_history
 
 CURVE_METRIC = "val_accuracy"
 
@@ -32,8 +33,8 @@ def learning_curves(client, runs, metric=CURVE_METRIC):
     for _, run in runs.iterrows():
         batch = float(run.get("params.train.batch_size", "nan") or "nan")
         world = float(run.get("tags.world_size", 1) or 1)
-        clock = {m.step: m.value for m in client.get_metric_history(run["run_id"], "train_minutes")}
-        for m in client.get_metric_history(run["run_id"], metric):
+        clock = {m.step: m.value for m in metric_history(client, run["run_id"], "train_minutes")}
+        for m in metric_history(client, run["run_id"], metric):
             rows.append({"run_name": run["run_name"], "images": m.step * batch * world,
                          "minutes": clock.get(m.step, (m.timestamp - run["start_time"]) / 60_000),
                          metric: m.value})

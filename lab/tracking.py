@@ -45,15 +45,54 @@ HEADLINE_METRICS = ("best_val_accuracy", "best_val_exact_accuracy", "test_accura
                     "new_test_accuracy", "new_test_exact_accuracy", "heldout_test_accuracy", "train_minutes")
 
 
+# MLflow's run page charts a metric `section/name` in a section of its own, placed before its plain "Model metrics":
+# the curves go to two such sections, so the one-number results (best_*, test_*, ...) follow them, apart.
+CURVE_SECTIONS = ("training", "validation")
+TRAINING_CURVES = ("loss", "lr", "epoch", "images_per_s", "train_minutes", "input_size")
+
+
+def mlflow_key(name):
+    """The key MLflow keeps metric `name` under: `training/...` or `validation/...` for a curve, else `name`."""
+    if name.startswith("val_") or name == "sample_s_per_image":
+        return f"validation/{name}"
+    if name in TRAINING_CURVES or name.startswith("loss_q"):
+        return f"training/{name}"
+    return name
+
+
+def metric_name(key):
+    """The metric's name from its MLflow key (`mlflow_key`'s inverse; keys without a section pass unchanged)."""
+    section, _, name = key.partition("/")
+    return name if section in CURVE_SECTIONS else key
+
+
+def metric_history(client, run_id, name):
+    """Metric `name`'s logged values: under its MLflow key, or under the plain name in a store written before the
+    curves had sections."""
+    return client.get_metric_history(run_id, mlflow_key(name)) or client.get_metric_history(run_id, name)
+
+
+SAMPLE_IMAGES = ("test_samples", "new_test_samples", "heldout_test_samples", "val_samples", "denoising_strip")
+
+
 def headline_view():
-    """The runs-table view state MLflow's UI reads from a shared-view tag: columns and sort."""
-    columns = ["tags.`ablation`", *(f"metrics.`{key}`" for key in HEADLINE_METRICS)]
-    return json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`best_val_accuracy`", "orderByAsc": False})
+    """The view state MLflow's UI reads from a shared-view tag: the runs table's columns and sort; for its chart
+    view a first section of sample grids captioned by run name alone (a card's default caption lists every param,
+    hiding the image), then the curves' sections, then the one-number results; empty charts hidden."""
+    columns = ["tags.`ablation`", *(f"metrics.`{mlflow_key(key)}`" for key in HEADLINE_METRICS)]
+    # the UI keeps its own two sections last; it finds them by these names
+    sections = [{"uuid": f"section-{name}", "name": name, "display": True, "isReordered": False}
+                for name in ("samples", *CURVE_SECTIONS, "Model metrics", "System metrics")]
+    grids = [{"uuid": f"card-{key}", "type": "IMAGE", "imageKeys": [key], "step": 0, "showRunParams": False,
+              "metricSectionId": "section-samples", "isGenerated": True, "deleted": False, "runsCountToCompare": 10}
+             for key in SAMPLE_IMAGES]
+    return json.dumps({"selectedColumns": columns, "orderByKey": "metrics.`best_val_accuracy`", "orderByAsc": False,
+                       "compareRunSections": sections, "compareRunCharts": grids, "hideEmptyCharts": True})
 
 
 def experiment_url(experiment_id, base="http://127.0.0.1:5000"):
     """Where the UI shows an experiment's runs in the model-training view with the headline columns."""
-    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}"
 
 
 def default_artifact_location(uri, name):
@@ -319,7 +358,7 @@ class Tracker:
         """Hand the metrics to MLflow's asynchronous queue: they show up at once, training never waits
         (the queue merges what arrives meanwhile into one write)."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
         self.sending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def flush(self):
@@ -339,8 +378,9 @@ class Tracker:
     def set_tags(self, tags):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_image(self, image, key, step):
-        """A PIL image under `key` at `step`: the run's charts show each key with a step slider."""
+    def log_image(self, image, key, step=None):
+        """A PIL image under `key` at `step` (MLflow's 0 when None): the run's charts show each key with a step
+        slider."""
         self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
     def log_artifact(self, path, artifact_dir=None):

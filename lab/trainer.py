@@ -237,6 +237,8 @@ class Run:
         self.run_id = self.tracker.start(config, self.setup.config_path, run_id=run_id, parent_run_id=parent_run_id,
                                          extra_tags=extra_tags,
                                          on_created=lambda new: run_folder.write_record(out, new, to_yaml(config)))
+        if self.main and self.step == 0:
+            log_untrained_images(self.train_step.sampling_model(), self.setup, self.tracker)
         self.bar = tqdm(total=self.train_step.total_steps, initial=self.step, desc=config.run_name, mininterval=1,
                         disable=None if self.main else True)  # one bar per process group
         self.clock.start(self.step, self.clock.spent_s)
@@ -338,6 +340,16 @@ class Run:
         self.tracker.flush()  # every score is stored before the checkpoint says the run is finished
         save_checkpoint({**load_checkpoint(self.latest), "finished": True, "summary": summary}, self.latest)
         return summary
+
+
+def log_untrained_images(model, setup, tracker):
+    """The untrained model's validation grid and denoising strip at step 0 (a few seconds, before the clock starts):
+    MLflow's image cards open at step 0, so they show an image there and their sliders span the whole run."""
+    images = generate(model, setup.val_labels, setup, seed=setup.config.seed, desc="samples at step 0")
+    tracker.log_image(grid_image(images, setup.val_labels, setup), "val_samples", 0)
+    strip = strip_image(model, setup, setup.config.seed)
+    if strip is not None:
+        tracker.log_image(strip, "denoising_strip", 0)
 
 
 def validate_and_keep_best(model, setup, tracker, reference_features, step, best_score, best_path, write=print):
@@ -444,7 +456,7 @@ def score_best_checkpoint(setup, tracker, best_path, step):
     grids = {}
 
     def log_grid(image, key):  # in MLflow and beside best.pt, where a user looks first
-        tracker.log_image(image, key, step)
+        tracker.log_image(image, key)  # at MLflow's step 0: one image per run, shown at once, the same in every run
         grids[key] = Path(best_path).parent / f"{key}.png"
         png = io.BytesIO()
         image.save(png, format="PNG")

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from compare import main
 from lab import charts, report, sampling
+from lab.tracking import mlflow_key
 
 EXPERIMENT = "iclevr-ablations"
 BASE = {"experiment": EXPERIMENT, "model.unet": "reference", "model.conditioning": "time_add",
@@ -411,9 +412,11 @@ def test_results_document_is_generated_from_the_store(store_uri, tmp_path, capsy
     assert capsys.readouterr().err.strip() == "error: --experiment: no experiment 'nope' in the store"
 
 
-def test_learning_curves_count_the_runs_clock_not_the_time_it_lay_stopped(store_uri):
+@pytest.mark.parametrize("key", [mlflow_key, str], ids=["sectioned", "plain"])
+def test_learning_curves_count_the_runs_clock_not_the_time_it_lay_stopped(store_uri, key):
     """A run killed and resumed an hour later: its curve's minutes are its `train_minutes`, not wall time; a
-    run that predates the metric falls back to the time since its start."""
+    run that predates the metric falls back to the time since its start. Stores written before the curves had
+    sections (`validation/val_accuracy`) read the same."""
     from lab.results import learning_curves
     client = MlflowClient(store_uri)
     experiment_id = client.get_experiment_by_name("other").experiment_id

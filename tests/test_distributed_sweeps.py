@@ -25,6 +25,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from lab.sweeps.parent import PARENT_RUN_ATTR
+from lab.tracking import mlflow_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres,
               pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
@@ -199,7 +200,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
         study = optuna.load_study(study_name="distributed", storage=reader)
         trial = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
                       if t.user_attrs.get("worker") == worker_a and t.intermediate_values), None)
-        if trial and "val_accuracy" in client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics:
+        if trial and mlflow_key("val_accuracy") in client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics:
             return trial
         return None
 
@@ -261,7 +262,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_retried(
     reason = f"worker {worker_a} stopped sending heartbeats; retried as trial {retry.number}"
     assert dead_run.data.tags["failure"] == reason
     assert f"trial {dead.number} failed: {reason}" in out_b  # B's summary
-    history = client.get_metric_history(dead_run.info.run_id, "val_accuracy")  # what A logged before it died
+    history = client.get_metric_history(dead_run.info.run_id, mlflow_key("val_accuracy"))  # what A logged before it died
     assert history and history[0].value == dead.intermediate_values[1]
     assert client.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["optuna_retry_of"] == str(dead.number)
     assert (tmp_path / "artifacts").is_dir() and any((tmp_path / "artifacts").rglob("config.yaml"))

@@ -9,6 +9,7 @@ from lab.eval import (binding_errors, build_resnet, course_accuracy, load_evalua
                       per_label_report, save_evaluator)
 from lab.errors import UserError
 from lab.metrics import frechet_distance
+from lab.tracking import mlflow_key
 
 NAMES = ["red cube", "blue cube", "red sphere", "blue sphere"]
 
@@ -245,7 +246,7 @@ def test_evaluator_training_is_an_mlflow_run_of_its_own(tiny_root, tmp_path, mon
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(out)
     assert json.loads(run.data.params["phases"]) == [[32, 320, 2e-3], [64, 16, 1e-3]]
     assert "mlflow.source.git.commit" in run.data.tags
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, mlflow_key("loss"))
     assert len(losses) >= 3 and [m.step for m in losses] == sorted(m.step for m in losses)
     assert {"heldout/1-3 objects 64x64", "heldout/1-3 objects 32 to 64 PIL", "heldout/4-5 objects 32 to 64",
             "train_seconds"} <= set(run.data.metrics)

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from lab.checkpoints import load_checkpoint
 from lab.config import flatten, load_config, read_yaml
+from lab.tracking import metric_name, mlflow_key
 from run_experiment import changes_nothing, main
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
@@ -57,7 +58,8 @@ def test_every_experiment_file_runs_from_the_command_line(path, shrunk):
         # the run describes exactly the file's config, shrunk
         assert runs[0].data.params == {k: str(v) for k, v in flatten(config).items()}
         assert runs[0].data.tags["ablation"] == config.ablation and runs[0].data.tags["config_file"] == str(path)
-        assert {"loss", "val_accuracy", "train_minutes", "best_val_accuracy", "test_accuracy"} <= set(runs[0].data.metrics)
+        metrics = {metric_name(key) for key in runs[0].data.metrics}
+        assert {"loss", "val_accuracy", "train_minutes", "best_val_accuracy", "test_accuracy"} <= metrics
         return
     from lab.sweeps.schema import load_sweep
     searched = set(load_sweep(path).spec.space)
@@ -93,7 +95,10 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_id in printed
-    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    params, tags = run.data.params, run.data.tags
+    # the run page charts the curves in sections of their own, the one-number results after them
+    assert {"training/loss", "validation/val_accuracy", "best_val_accuracy", "test_accuracy"} <= set(run.data.metrics)
+    metrics = {metric_name(key): value for key, value in run.data.metrics.items()}
     assert params["model.unet"] == "tiny" and params["train.lr"] == "0.001" and params["eval.guidance_scale"] == "2.0"
     assert tags["ablation"] == "base" and tags["seed"] == "0" and tags["config_file"].endswith("tiny.yaml")
     # MLflow's standard metadata: the UI's "Created by" and "Source", the commit and whether the tree was dirty
@@ -103,8 +108,8 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as model training
     # the runs table's saved view, which the printed URL names: headline columns that the run has, best first
     view = json.loads(experiment.tags["mlflow.sharedViewState.headline"])
-    assert f"#/experiments/{run.info.experiment_id}?workflowType=machine_learning&viewStateShareKey=headline" in printed
-    shown = [column.split("`")[1] for column in view["selectedColumns"] if column.startswith("metrics.")]
+    assert f"#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=headline" in printed
+    shown = [metric_name(column.split("`")[1]) for column in view["selectedColumns"] if column.startswith("metrics.")]
     assert shown[:3] == ["best_val_accuracy", "best_val_exact_accuracy", "test_accuracy"]
     assert set(shown) - {"best_val_exact_accuracy", "test_exact_accuracy", "new_test_exact_accuracy"} <= set(metrics)
     assert view["orderByKey"] == "metrics.`best_val_accuracy`" and view["orderByAsc"] is False
@@ -112,15 +117,15 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     note = tags["mlflow.note.content"]
     assert "| validation (chose best.pt) |" in note and f"{metrics['test_accuracy']:.3f} ±" in note
     steps_per_epoch = 60 // 8
-    loss = client.get_metric_history(run.info.run_id, "loss")
+    loss = client.get_metric_history(run.info.run_id, mlflow_key("loss"))
     assert [m.step for m in loss] == list(range(2, 3 * steps_per_epoch + 1, 2)) + [3 * steps_per_epoch] * (3 * steps_per_epoch % 2)
-    val = client.get_metric_history(run.info.run_id, "val_accuracy")
+    val = client.get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))
     assert [m.step for m in val] == [2 * steps_per_epoch, 3 * steps_per_epoch]
     assert all(0 <= m.value <= 1 for m in val)
     # the binding errors beside best_val_accuracy are those of the validation that chose best.pt
     chosen = max(val, key=lambda m: (m.value, -m.step)).step
     for kind in ("wrong_colour", "wrong_shape", "both_wrong"):
-        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{kind}")}
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, mlflow_key(f"val_{kind}"))}
         assert metrics[f"best_val_{kind}"] == pytest.approx(history[chosen])
     for key in ("loss_q1", "loss_q4", "lr", "images_per_s", "val_fd", "val_kid", "test_accuracy", "new_test_accuracy",
                 "test_accuracy_std", "best_val_accuracy", "val_accuracy_std", "val_wrong_colour", "val_wrong_shape",
@@ -129,11 +134,18 @@ def test_tiny_run_end_to_end_in_mlflow(tiny_experiment, tmp_path, capsys):
     artifacts = {a.path for folder in ("", "images", "checkpoints")
                  for a in client.list_artifacts(run.info.run_id, folder or None)}
     assert {"config.yaml", "checkpoints/best.pt"} <= artifacts
-    # images logged with a key and a step (MLflow's images/<key>+step+<step>+...): the UI's step slider
+    # images logged with a key and a step (MLflow's images/<key>+step+<step>+...): the UI's step slider, which
+    # opens at step 0: the untrained model's grid there, the final grids there alone (shown at once)
     images = {(Path(a).name.split("+")[0], int(Path(a).name.split("+")[2])) for a in artifacts
               if a.startswith("images/") and a.endswith(".png")}
-    assert images == {("val_samples", 14), ("val_samples", 21), ("denoising_strip", 14), ("denoising_strip", 21),
-                      ("test_samples", 21), ("new_test_samples", 21), ("heldout_test_samples", 21)}
+    assert images == {("val_samples", 0), ("val_samples", 14), ("val_samples", 21), ("denoising_strip", 0),
+                      ("denoising_strip", 14), ("denoising_strip", 21), ("test_samples", 0), ("new_test_samples", 0),
+                      ("heldout_test_samples", 0)}
+    # the saved view's chart cards: those grids first, captioned by the run's name, not by its params
+    cards = {card["imageKeys"][0]: card for card in view["compareRunCharts"] if card["type"] == "IMAGE"}
+    assert {key for key, _ in images} == set(cards)
+    assert all(card["step"] == 0 and not card["showRunParams"] for card in cards.values())
+    assert [section["name"] for section in view["compareRunSections"]][:3] == ["samples", "training", "validation"]
     assert Path("runs/tiny/best.pt").is_file() and Path("runs/tiny/latest.pt").is_file()
     # running the same command again does not train again
     assert main([str(tiny_experiment)]) == 0
@@ -148,7 +160,7 @@ def test_a_time_budget_stops_then_validates_and_scores(tiny_experiment, capsys):
     assert "1 steps; best_val_accuracy" in capsys.readouterr().out
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     assert run.info.status == "FINISHED"
-    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [1]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))] == [1]
     assert {"test_accuracy", "new_test_accuracy", "best_val_accuracy"} <= set(run.data.metrics)
 
 
@@ -166,7 +178,7 @@ def test_a_budget_spent_by_a_validation_ends_the_run_there(tiny_experiment, monk
     monkeypatch.setattr(trainer, "validate_and_keep_best", slow_validation)
     assert main([str(tiny_experiment), "--set", "train.max_minutes=0.1", "--set", "eval.every_epochs=1"]) == 0
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
-    val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
+    val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))]
     assert len(val) == 1 and f"{val[0]} steps; best_val_accuracy" in capsys.readouterr().out
 
 
@@ -176,7 +188,7 @@ def test_a_validation_the_final_one_would_repeat_is_left_out(tiny_experiment, ca
     assert main([str(tiny_experiment), "--set", "train.max_steps=15", "--set", "eval.every_epochs=1"]) == 0
     assert "step 14: no validation, the final one follows" in capsys.readouterr().out
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
-    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [7, 15]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))] == [7, 15]
 
 
 def test_under_a_budget_the_final_validation_is_judged_at_the_last_epochs_pace(tiny_experiment, monkeypatch):
@@ -198,7 +210,7 @@ def test_under_a_budget_the_final_validation_is_judged_at_the_last_epochs_pace(t
                  "--set", "eval.every_epochs=1"]) == 0
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     # 7 (210 s spent, 30 left) and 35 (238 s) are left to the final one at 37, when the budget is spent
-    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")] == [14, 21, 28, 37]
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))] == [14, 21, 28, 37]
 
 
 @pytest.fixture
@@ -233,10 +245,10 @@ def test_an_evaluator_still_to_train_trains_beside_the_generator(tiny_experiment
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     assert run.data.tags["machine"].endswith(f", {threads} torch threads")  # as it ended, not as it started
-    val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")]
+    val = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))]
     steps_per_epoch = 60 // 8
     assert sorted(val) == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]  # every epoch's validation
-    minutes = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_minutes")]
+    minutes = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, mlflow_key("train_minutes"))]
     assert sorted(minutes) == sorted(val)
     [evaluator_run] = mlflow.search_runs(experiment_names=["evaluator"], output_format="list")
     assert evaluator_run.info.status == "FINISHED"
@@ -338,14 +350,15 @@ def test_a_sampling_only_change_reuses_the_trained_run(tiny_experiment, capsys):
     assert reused.data.tags["trained_by"] == trained.info.run_id and reused.info.status == "FINISHED"
     assert reused.data.tags["training_key"] == trained.data.tags["training_key"]
     assert reused.data.params["eval.guidance_scale"] == "4.0"
-    assert "loss" not in reused.data.metrics  # nothing trained
-    assert {"best_val_accuracy", "val_accuracy", "test_accuracy", "heldout_test_accuracy"} <= set(reused.data.metrics)
+    assert mlflow_key("loss") not in reused.data.metrics  # nothing trained
+    assert {"best_val_accuracy", mlflow_key("val_accuracy"), "test_accuracy",
+            "heldout_test_accuracy"} <= set(reused.data.metrics)
     best_step = load_checkpoint(tiny_experiment.parent / "runs/tiny/best.pt")["step"]  # the weights it sampled
-    assert [m.step for m in MlflowClient().get_metric_history(reused.info.run_id, "val_accuracy")] == [best_step]
+    assert [m.step for m in MlflowClient().get_metric_history(reused.info.run_id, mlflow_key("val_accuracy"))] == [best_step]
     assert main(resample) == 0  # a rerun: finished, nothing to do
     assert "holds a finished run" in capsys.readouterr().out
     assert main([str(tiny_experiment), "--set", "run_name=tiny-lr", "--set", "train.lr=2e-3"]) == 0
     assert main([str(tiny_experiment), "--set", "run_name=tiny-fresh", "--set", "eval.steps=3", "--fresh"]) == 0
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")}
-    assert "trained_by" not in runs["tiny-lr"].data.tags and "loss" in runs["tiny-lr"].data.metrics
-    assert "trained_by" not in runs["tiny-fresh"].data.tags and "loss" in runs["tiny-fresh"].data.metrics
+    assert "trained_by" not in runs["tiny-lr"].data.tags and mlflow_key("loss") in runs["tiny-lr"].data.metrics
+    assert "trained_by" not in runs["tiny-fresh"].data.tags and mlflow_key("loss") in runs["tiny-fresh"].data.metrics

@@ -16,6 +16,7 @@ from lab.eval import (Evaluator, build_count_head, build_resnet, judge_samples, 
                       save_evaluator, scene_verdicts)
 from lab.evaluator_cache import strict_judge_for
 from lab.grids import VERDICT_COLOURS, labelled_grid
+from lab.tracking import mlflow_key
 
 
 def multi_hot(*rows):
@@ -188,11 +189,11 @@ def test_a_run_logs_both_judges_and_can_select_by_exact_scenes(tiny_experiment, 
                  "--set", "eval.select_by=val_exact_accuracy"]) == 0
     run = mlflow.search_runs(experiment_names=["tiny"], output_format="list")[0]
     for key in ("val_accuracy", "val_exact_accuracy", "val_extra_objects", "val_missing_objects"):
-        assert key in run.data.metrics and f"{key}_std" in run.data.metrics
+        assert mlflow_key(key) in run.data.metrics and mlflow_key(f"{key}_std") in run.data.metrics
     for split in ("test", "new_test", "heldout_test"):
         assert {f"{split}_accuracy", f"{split}_exact_accuracy", f"{split}_exact_accuracy_std",
                 f"{split}_extra_objects", f"{split}_missing_objects"} <= set(run.data.metrics)
-    history = MlflowClient().get_metric_history(run.info.run_id, "val_exact_accuracy")
+    history = MlflowClient().get_metric_history(run.info.run_id, mlflow_key("val_exact_accuracy"))
     best = max(history, key=lambda m: (m.value, -m.step))
     assert run.data.metrics["best_val_exact_accuracy"] == best.value
     assert run.data.metrics["nonfinite_samples"] == 0

@@ -5,6 +5,7 @@ import torch
 
 from lab import trainer
 from lab.checkpoints import load_checkpoint
+from lab.tracking import mlflow_key
 
 
 @pytest.mark.slow
@@ -24,5 +25,5 @@ def test_nan_loss_stops_at_its_step(tiny_experiment, tmp_path, monkeypatch, caps
     assert run.info.status == "FAILED" and run.data.tags["failed_step"] == "10"
     # 7 steps an epoch: the checkpoint of epoch 1 (step 7) is kept, nothing after it was written
     assert load_checkpoint(tmp_path / "runs" / "tiny" / "latest.pt")["step"] == 7
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, mlflow_key("loss"))
     assert max(m.step for m in history) < 10 and all(torch.isfinite(torch.tensor(m.value)) for m in history)

@@ -13,6 +13,7 @@ import torch
 
 from lab.checkpoints import checksum_path, load_checkpoint, previous_path, save_checkpoint
 from lab.errors import UserError, one_interrupt
+from lab.tracking import mlflow_key
 
 ROOT = Path(__file__).parent.parent
 
@@ -85,7 +86,7 @@ def test_sigkills_then_rerun_give_bitwise_identical_weights_and_one_run(write_co
     client = mlflow.MlflowClient(f"sqlite:///{killed.parent / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, mlflow_key("loss"))]
     assert max(steps) == a["step"] and sorted(set(steps)) == sorted(set(range(2, a["step"] + 1, 2)) | {a["step"]})
     assert not (folder / "lock").exists() and not list(folder.glob(".*.tmp"))
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lab.config import load_config
 from lab.metrics import frechet_distance, kernel_distance
-from lab.tracking import Tracker
+from lab.tracking import Tracker, mlflow_key
 
 
 @pytest.fixture
@@ -38,12 +38,12 @@ def test_metrics_are_stored_while_the_run_is_running(tracker):
     deadline = time.monotonic() + 30
     history = []
     while not history and time.monotonic() < deadline:  # MLflow's queue writes in the background, unasked
-        history = tracker.client.get_metric_history(tracker.run_id, "loss")
+        history = tracker.client.get_metric_history(tracker.run_id, mlflow_key("loss"))
         time.sleep(0.1)
     assert [(m.step, m.value) for m in history] == [(2, 0.5)]
     tracker.log_metrics({"loss": 0.25}, step=4)
     tracker.flush()  # what checkpoints wait for: everything logged so far is stored
-    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")] == [2, 4]
+    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id, mlflow_key("loss"))] == [2, 4]
     assert tracker.client.get_run(tracker.run_id).info.status == "RUNNING"
     tracker.end()
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
