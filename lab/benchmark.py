@@ -39,7 +39,7 @@ from lab.eval import build_resnet, for_evaluator, save_evaluator
 from lab.hardware import machine
 from lab.sampling import generate, load_for_sampling
 from lab.schedules import SAMPLERS as KNOWN_SAMPLERS
-from lab.tracking import Tracker
+from lab.tracking import Tracker, mlflow_key
 from lab.trainer import TrainStep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "experiments" / "base.yaml"
@@ -316,7 +316,7 @@ def bench_logging(config, config_path, fast_step_s, events):
         tracker.flush()  # until the background writer has stored everything; train() waits before checkpoints
         calls[-1] += time.perf_counter() - start
         with_drain = time.perf_counter() - loop_start
-        history = tracker.client.get_metric_history(tracker.run_id, "loss")
+        history = tracker.client.get_metric_history(tracker.run_id, mlflow_key("loss"))
         tracker.end()
     if len(history) != events + 1:
         raise UserError("mlflow", f"{len(history)} of {events + 1} logged loss points reached the store")
