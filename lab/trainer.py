@@ -346,10 +346,15 @@ def log_untrained_images(model, setup, tracker):
     """The untrained model's validation grid and denoising strip at step 0 (a few seconds, before the clock starts):
     MLflow's image cards open at step 0, so they show an image there and their sliders span the whole run."""
     images = generate(model, setup.val_labels, setup, seed=setup.config.seed, desc="samples at step 0")
-    tracker.log_image(grid_image(images, setup.val_labels, setup), "val_samples", 0)
+    log_grid_and_strip(model, images, None, setup, tracker, 0)
+
+
+def log_grid_and_strip(model, images, verdicts, setup, tracker, step):
+    """The validation grid (tiles framed by the strict judge's `verdicts`, when given) and the denoising strip."""
+    tracker.log_image(grid_image(images, setup.val_labels, setup, verdicts), "val_samples", step)
     strip = strip_image(model, setup, setup.config.seed)
     if strip is not None:
-        tracker.log_image(strip, "denoising_strip", 0)
+        tracker.log_image(strip, "denoising_strip", step)
 
 
 def validate_and_keep_best(model, setup, tracker, reference_features, step, best_score, best_path, write=print):
@@ -358,10 +363,7 @@ def validate_and_keep_best(model, setup, tracker, reference_features, step, best
     select_by = setup.config.eval.select_by
     metrics, images, verdicts = validation_metrics(model, setup, reference_features, step, write)
     tracker.log_metrics(metrics, step)
-    tracker.log_image(grid_image(images, setup.val_labels, setup, verdicts), "val_samples", step)
-    strip = strip_image(model, setup, setup.config.seed)
-    if strip is not None:
-        tracker.log_image(strip, "denoising_strip", step)
+    log_grid_and_strip(model, images, verdicts, setup, tracker, step)
     score = metrics[select_by]
     if score > best_score:
         save_checkpoint({"model": model.state_dict(), "config": to_yaml(setup.config), "step": step,
