@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from lab.errors import UserError
 from lab.stores import tracking_uri_problem
 from lab.model_zoo import CFG_NULLS, CONDITIONING, UNETS, attention_problem, size_problem
-from lab.schedules import BETA_SCHEDULES, LOSS_WEIGHTINGS, PREDICTION_TYPES, SAMPLERS, sampler_steps_problem
+from lab.schedules import (BETA_SCHEDULES, FLOW_SAMPLERS, LOSS_WEIGHTINGS, OBJECTIVES, PREDICTION_TYPES, SAMPLERS,
+                           sampler_steps_problem)
 
 
 def choice(registry):
@@ -107,6 +108,7 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
+    objective: choice(OBJECTIVES) = "denoising"  # flow_matching: rectified flow (beta_schedule, prediction_type unused)
     beta_schedule: choice(BETA_SCHEDULES) = "cosine"
     num_train_timesteps: int = Field(1000, ge=2, le=10000)
     prediction_type: choice(PREDICTION_TYPES) = "epsilon"
@@ -151,10 +153,11 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     every_epochs: int = Field(5, ge=1)   # validation sampling + evaluator score
     split: str = "val.json"              # label sets for model selection (never the test sets)
-    sampler: choice(SAMPLERS) = "ddim"
+    sampler: choice({**SAMPLERS, **FLOW_SAMPLERS}) = "ddim"  # the objective's own (lab.schedules.OBJECTIVES)
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0, le=1)
     guidance_scale: float = Field(1.0, ge=0, le=100)  # beyond it samples overflow; useful scales are 1-10
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided only at noise levels t/T within it (1: pure noise)
     batch_size: int = Field(64, ge=1)
     evaluator: Optional[str] = None      # the course's checkpoint.pth; null = ours for the data root
     test_splits: list[str] = ["test.json", "new_test.json"]
@@ -169,6 +172,14 @@ class EvalConfig(Section):
     @classmethod
     def splits_inside_root(cls, names):
         return [inside_root(name) for name in names]
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def interval_within_trajectory(cls, interval):
+        low, high = interval
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"[{low}, {high}] is not an interval within [0, 1] (low < high; 1 is pure noise)")
+        return interval
 
     @field_validator("eta")
     @classmethod
@@ -218,9 +229,14 @@ def cross_checks(config):
                                 model.overrides)
     if problem:
         return [("model.attention_resolutions", problem)]
-    problem = sampler_steps_problem(config.eval.sampler, config.eval.steps, config.diffusion.num_train_timesteps)
+    diffusion = config.diffusion
+    if diffusion.objective == "flow_matching" and diffusion.loss_weighting != "uniform":
+        return [("diffusion.objective", f"flow_matching takes diffusion.loss_weighting: uniform "
+                                        f"({diffusion.loss_weighting} weights a noise schedule's SNR)")]
+    problem = sampler_steps_problem(config.eval.sampler, config.eval.steps, diffusion.num_train_timesteps,
+                                    diffusion.objective)
     if problem:
-        return [("eval.steps", problem)]
+        return [("eval.sampler" if config.eval.sampler not in OBJECTIVES[diffusion.objective] else "eval.steps", problem)]
     return []
 
 
@@ -351,7 +367,7 @@ def load_config(path, overrides=(), base=None):
 
 
 # Keys that change how a trained model is sampled and scored, not how it trains; and the run's bookkeeping.
-SAMPLING_KEYS = {"eval.sampler", "eval.steps", "eval.eta", "eval.guidance_scale", "eval.batch_size", "eval.val_seeds",
+SAMPLING_KEYS = {"eval.sampler", "eval.steps", "eval.eta", "eval.guidance_scale", "eval.guidance_interval", "eval.batch_size", "eval.val_seeds",
                  "eval.final_seeds", "eval.test_splits", "eval.heldout_split"}
 BOOKKEEPING_KEYS = {"experiment", "run_name", "preset", "ablation", "seeds", "tracking_uri", "output_dir"}
 

@@ -1,5 +1,6 @@
 """The diffusion objective (EDM's `loss.py`): what the model predicts, how timesteps are weighted, and the
-loss, over a training noise scheduler from lab/schedules.py.
+loss, over a training noise scheduler from lab/schedules.py: denoising (DDPM's noising, an epsilon or v target)
+or flow matching (rectified flow: a straight line from the image to noise, a velocity target).
 
     train = make_noise_scheduler("cosine", prediction_type="v_prediction")       # lab.schedules
     per_sample, t = diffusion_loss(model, train, x0, labels, generator, cfg_dropout=0.1)
@@ -10,7 +11,7 @@ import torch
 from diffusers.training_utils import compute_snr
 
 from lab.errors import choose
-from lab.schedules import LOSS_WEIGHTINGS, PREDICTION_TYPES
+from lab.schedules import LOSS_WEIGHTINGS, PREDICTION_TYPES, is_flow_matching
 
 
 def training_target(scheduler, x0, noise, t):
@@ -35,6 +36,18 @@ def loss_weights(scheduler, t, weighting: str = "uniform", snr_gamma: float = 5.
     return snr.clamp(max=snr_gamma) / (snr + 1)
 
 
+def noised(noise_scheduler, x0, noise, generator):
+    """(x_t, t, target) at random timesteps t in [0, num_train_timesteps): DDPM's integer steps, or for flow
+    matching s * T at a uniform s, with x_t = (1 - s) x0 + s noise and the velocity noise - x0 as target."""
+    b, device, steps = len(x0), x0.device, noise_scheduler.config.num_train_timesteps
+    if is_flow_matching(noise_scheduler):
+        s = torch.rand(b, generator=generator, device=device)
+        s_ = s.view(-1, 1, 1, 1)
+        return (1 - s_) * x0 + s_ * noise, s * steps, noise - x0
+    t = torch.randint(0, steps, (b,), generator=generator, device=device)
+    return noise_scheduler.add_noise(x0, noise, t), t, training_target(noise_scheduler, x0, noise, t)
+
+
 def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.0):
     """Per-sample MSE to the training target at random timesteps, and those timesteps.
 
@@ -42,7 +55,7 @@ def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.
     """
     b, device = len(x0), x0.device
     noise = torch.randn(x0.shape, generator=generator, device=device)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+    x_t, t, target = noised(noise_scheduler, x0, noise, generator)
     drop = torch.rand(b, generator=generator, device=device) < cfg_dropout if cfg_dropout > 0 else None
-    pred = model(noise_scheduler.add_noise(x0, noise, t), t, labels, drop)
-    return (pred.float() - training_target(noise_scheduler, x0, noise, t)).square().mean((1, 2, 3)), t
+    pred = model(x_t, t, labels, drop)
+    return (pred.float() - target).square().mean((1, 2, 3)), t

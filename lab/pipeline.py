@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from lab.build import make_noise_scheduler
@@ -36,12 +36,14 @@ EXPERIMENT_FILE = "experiment.yaml"
 class ConditionalDDPMPipeline(DiffusionPipeline):
     """Draws i-CLEVR scenes for a set of labels with a trained ConditionalUNet and the run's sampler settings."""
 
-    def __init__(self, model: ConditionalUNet, scheduler: DDPMScheduler, label_names: list = None,
-                 sampler: str = "dpmsolver++", steps: int = 20, guidance_scale: float = 1.0, image_size: int = 64):
+    def __init__(self, model: ConditionalUNet, scheduler: SchedulerMixin, label_names: list = None,
+                 sampler: str = "dpmsolver++", steps: int = 20, guidance_scale: float = 1.0, image_size: int = 64,
+                 guidance_interval: tuple = (0.0, 1.0)):
         super().__init__()
         self.register_modules(model=model, scheduler=scheduler)
         self.register_to_config(label_names=list(label_names or LABELS), sampler=sampler, steps=steps,
-                                guidance_scale=guidance_scale, image_size=image_size)
+                                guidance_scale=guidance_scale, guidance_interval=list(guidance_interval),
+                                image_size=image_size)
         self.experiment_yaml = None  # the training run's config, when known
 
     def multi_hot(self, labels):
@@ -61,6 +63,7 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         images = sample(self.model, row.expand(num_images, -1), train_scheduler=self.scheduler,
                         sampler=sampler or self.config.sampler, steps=steps or self.config.steps,
                         guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
+                        guidance_interval=tuple(self.config.get("guidance_interval", (0.0, 1.0))),
                         generator=generator, image_size=size, noise=noise, callback=callback)
         if output_type == "pt":
             return images.cpu()
@@ -101,7 +104,7 @@ def pipeline_from_model(model, config):
     """A pipeline around a trained model, with the sampling settings and label names of its run's config."""
     pipe = ConditionalDDPMPipeline(model, make_noise_scheduler(config), label_names_of(config),
                                    config.eval.sampler, config.eval.steps, config.eval.guidance_scale,
-                                   config.data.image_size)
+                                   config.data.image_size, config.eval.guidance_interval)
     pipe.experiment_yaml = to_yaml(config)
     return pipe
 

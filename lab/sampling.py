@@ -27,12 +27,15 @@ STRIP_LABELS = ["red sphere", "yellow cube", "cyan cylinder"]
 
 @torch.no_grad()
 def sample(model, labels, *, train_scheduler, sampler="ddim", steps=50, eta=0.0, guidance_scale=1.0,
-           generator=None, image_size=64, callback=None, noise=None) -> torch.Tensor:
+           guidance_interval=(0.0, 1.0), generator=None, image_size=64, callback=None, noise=None) -> torch.Tensor:
     """Images in [-1, 1], (B, 3, image_size, image_size), for multi-hot labels (B, num_labels).
 
     steps is ignored by "ddpm" (it runs all training steps); eta is DDIM's and must stay 0 for the others.
-    callback(i, t, x) runs after step i with the current latent x. noise: the starting latent, else drawn from
-    generator (a CPU generator gives the same images on any device). The model is put in eval mode meanwhile.
+    Guidance applies at the steps whose noise level t / num_train_timesteps lies within `guidance_interval`
+    (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"); the others take the conditional
+    prediction alone. callback(i, t, x) runs after step i with the current latent x. noise: the starting latent,
+    else drawn from generator (a CPU generator gives the same images on any device). The model is put in eval mode
+    meanwhile.
     """
     if eta and sampler != "ddim":
         raise UserError("eta", f"only the ddim sampler takes eta; '{sampler}' does not")
@@ -41,13 +44,18 @@ def sample(model, labels, *, train_scheduler, sampler="ddim", steps=50, eta=0.0,
     labels = labels.to(device, torch.float32)
     if noise is None:
         noise = randn_tensor((labels.shape[0], 3, image_size, image_size), generator=generator, device=device)
-    x = noise.to(device, torch.float32) * scheduler.init_noise_sigma
+    # the flow's Euler scheduler starts at unit noise and takes the latent unscaled, so it has neither
+    x = noise.to(device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
     step_kwargs = {"generator": generator, **({"eta": eta} if sampler == "ddim" else {})}
+    low, high = guidance_interval
+    num_train_timesteps = train_scheduler.config.num_train_timesteps
     was_training = model.training
     model.eval()
     try:
         for i, t in enumerate(scheduler.timesteps):
-            pred = guided_prediction(model, scheduler.scale_model_input(x, t), t, labels, guidance_scale)
+            scale = guidance_scale if low <= float(t) / num_train_timesteps <= high else 1.0
+            pred = guided_prediction(model, scale_input(x, t), t, labels, scale)
             # .to: under autocast the prediction is bf16; the scheduler's arithmetic stays in float32
             x = scheduler.step(pred.to(x.dtype), t, x, **step_kwargs).prev_sample
             if callback is not None:
@@ -102,7 +110,7 @@ def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_s
             images.append(sample(model, chunk.to(setup.device), train_scheduler=setup.noise_scheduler,
                                  sampler=sampler, steps=steps, eta=cfg.eta,
                                  guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-                                 generator=generator, image_size=setup.config.data.image_size,
+                                 guidance_interval=cfg.guidance_interval, generator=generator, image_size=setup.config.data.image_size,
                                  callback=lambda *_: bar.update()).float())
     return torch.cat(images)
 
@@ -125,7 +133,7 @@ def strip_image(model, setup, seed):
     with build.autocast(setup.config, setup.device):
         frames = denoising_strip(model, labels, frames=10, train_scheduler=setup.noise_scheduler, sampler=cfg.sampler,
                                  steps=cfg.steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                                 generator=torch.Generator(setup.device).manual_seed(seed),
+                                 guidance_interval=cfg.guidance_interval, generator=torch.Generator(setup.device).manual_seed(seed),
                                  image_size=setup.config.data.image_size)
     return titled_rows(frames.float().transpose(0, 1), STRIP_LABELS)
 

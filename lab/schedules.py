@@ -3,6 +3,7 @@ its exact betas (every one a diffusers scheduler), and the learning rate's sched
 
     train = make_noise_scheduler("cosine", 1000, "v_prediction")
     sampler = make_sampler("dpmsolver++", train, steps=20)       # timesteps set, betas and prediction from `train`
+    flow = make_noise_scheduler(objective="flow_matching")       # rectified flow: FLOW_SAMPLERS sample it
     factor = lr_factor(config.train, clock, step)                # what the peak learning rate is multiplied by
 
 The registries are plain data in diffusers' own names, so that a config is checked against them without torch;
@@ -29,6 +30,14 @@ SAMPLERS = {
     "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
+# The rectified-flow objective (lab.diffusion): x_t = (1 - s) x0 + s noise on a straight line, the model predicts
+# the velocity noise - x0 at timestep s * num_train_timesteps; its samplers step along s with no betas.
+FLOW_SAMPLERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                    "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+OBJECTIVES = {"denoising": SAMPLERS, "flow_matching": FLOW_SAMPLERS}  # the objective -> the samplers it takes
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the model predicts, in diffusers' names
 LOSS_WEIGHTINGS = ("uniform", "min_snr")  # the loss's weight over the timesteps (lab.diffusion.loss_weights)
 
@@ -38,29 +47,46 @@ def _diffusers():
     return importlib.import_module("diffusers")
 
 
-def make_noise_scheduler(beta_schedule="cosine", num_train_timesteps=1000, prediction_type="epsilon"):
-    """The training noise scheduler, a diffusers DDPMScheduler (add_noise, get_velocity); also the source of the
-    samplers' betas."""
+def make_noise_scheduler(beta_schedule="cosine", num_train_timesteps=1000, prediction_type="epsilon",
+                         objective="denoising"):
+    """The training noise scheduler, a diffusers DDPMScheduler (add_noise, get_velocity; also the source of the
+    samplers' betas), or for flow matching a FlowMatchEulerDiscreteScheduler (no betas: beta_schedule and
+    prediction_type do not apply)."""
+    choose("objective", "objective", objective, OBJECTIVES)
+    if objective == "flow_matching":
+        return _diffusers().FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps)
     name = choose("beta_schedule", "beta schedule", beta_schedule, BETA_SCHEDULES)
     choose("prediction_type", "prediction type", prediction_type, PREDICTION_TYPES)
     return _diffusers().DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=name,
                                       prediction_type=prediction_type)
 
 
-def sampler_steps_problem(sampler, steps, num_train_timesteps):
-    """Why `sampler` cannot run `steps` steps of a model trained with `num_train_timesteps`, or None."""
+def is_flow_matching(train_scheduler):
+    """Whether a training scheduler is the rectified flow's (make_noise_scheduler's objective)."""
+    return type(train_scheduler).__name__ == FLOW_SAMPLERS["euler"][0]
+
+
+def sampler_steps_problem(sampler, steps, num_train_timesteps, objective="denoising"):
+    """Why `sampler` cannot run `steps` steps of a model trained with `num_train_timesteps` on `objective`, or None."""
+    if sampler not in OBJECTIVES[objective]:
+        return f"'{sampler}' does not sample {objective}; its samplers: {', '.join(OBJECTIVES[objective])}"
     if sampler != "ddpm" and not 1 <= steps <= num_train_timesteps:
         return f"{steps} is not between 1 and num_train_timesteps={num_train_timesteps}"
     return None
 
 
 def make_sampler(sampler, train_scheduler, steps=50, device=None):
-    """A fresh sampling scheduler with the training betas and prediction type, its timesteps already set."""
-    class_name, kwargs = choose("sampler", "sampler", sampler, SAMPLERS)
+    """A fresh sampling scheduler with the training betas and prediction type (or the flow's), its timesteps set."""
+    flow = is_flow_matching(train_scheduler)
+    class_name, kwargs = choose("sampler", "sampler", sampler, FLOW_SAMPLERS if flow else SAMPLERS)
     cfg = train_scheduler.config
-    problem = sampler_steps_problem(sampler, steps, cfg.num_train_timesteps)
+    problem = sampler_steps_problem(sampler, steps, cfg.num_train_timesteps, "flow_matching" if flow else "denoising")
     if problem:
         raise UserError("steps", problem)
+    if flow:
+        scheduler = getattr(_diffusers(), class_name)(num_train_timesteps=cfg.num_train_timesteps, **kwargs)
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
     if sampler == "ddpm":
         steps = cfg.num_train_timesteps
     if sampler == "dpmsolver++" and steps == cfg.num_train_timesteps:

@@ -121,7 +121,7 @@ class TrainStep:
         ((per_sample * weights).mean() / config.train.grad_accum).backward()
         # the logged loss stays the unweighted MSE, comparable across weightings
         per_sample = per_sample.detach()
-        quartile = (t * 4 // scheduler.config.num_train_timesteps).clamp(max=3)
+        quartile = (t * 4 // scheduler.config.num_train_timesteps).long().clamp(max=3)  # flow matching's t is real
         self.loss_sums[0].index_add_(0, quartile, per_sample)
         self.loss_sums[1].index_add_(0, quartile, torch.ones_like(per_sample))
         finite = per_sample.isfinite().all()

@@ -88,7 +88,9 @@ def test_deep_merge_and_overrides(tmp_path):
     ("base: base.yaml\ntrain:\n  lr: -0.1\n", [], "child.yaml", "train.lr: Input should be greater than 0"),
     ("base: base.yaml\nmodel:\n  conditioning: film\n", [], "child.yaml",
      "model.conditioning: unknown name 'film'; choose one of: time_add, adagn, cross_attn, concat"),
-    ("base: base.yaml\neval:\n  sampler: euler\n", [], "child.yaml", "eval.sampler: unknown name 'euler'; choose one of: ddpm"),
+    ("base: base.yaml\neval:\n  sampler: heun\n", [], "child.yaml", "eval.sampler: unknown name 'heun'; choose one of: ddpm"),
+    ("base: base.yaml\neval:\n  sampler: euler\n", [], "child.yaml",
+     "eval.sampler: 'euler' does not sample denoising; its samplers: ddpm, ddim, dpmsolver++"),
     ("base: base.yaml\ndiffusion:\n  beta_schedule: quadratic\n", [], "child.yaml", "choose one of: linear, cosine"),
     ("base: base.yaml\n", ["diffusion.loss_weighting=p2"], "--set",
      "diffusion.loss_weighting: unknown name 'p2'; choose one of: uniform, min_snr"),
@@ -157,7 +159,8 @@ def test_the_schema_lists_the_registries_names():
     assert defs["ModelConfig"]["properties"]["unet"]["enum"] == list(model_zoo.UNETS)
     assert defs["ModelConfig"]["properties"]["conditioning"]["enum"] == list(model_zoo.CONDITIONING)
     assert defs["DiffusionConfig"]["properties"]["beta_schedule"]["enum"] == list(schedules.BETA_SCHEDULES)
-    assert defs["EvalConfig"]["properties"]["sampler"]["enum"] == list(schedules.SAMPLERS)
+    assert defs["DiffusionConfig"]["properties"]["objective"]["enum"] == list(schedules.OBJECTIVES)
+    assert defs["EvalConfig"]["properties"]["sampler"]["enum"] == list({**schedules.SAMPLERS, **schedules.FLOW_SAMPLERS})
 
 
 def test_a_dry_run_loads_neither_torch_nor_diffusers(tmp_path):

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from lab.errors import UserError
-from lab.diffusion import loss_weights, training_target
+from lab.diffusion import diffusion_loss, loss_weights, noised, training_target
 from lab.model_zoo import build_model
 from lab.sampling import denoising_strip, sample
-from lab.schedules import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, make_noise_scheduler, make_sampler
+from lab.schedules import (BETA_SCHEDULES, FLOW_SAMPLERS, PREDICTION_TYPES, SAMPLERS, make_noise_scheduler,
+                           make_sampler)
 
 LABELS = torch.zeros(2, 24)
 LABELS[0, [3, 11]] = 1
@@ -153,3 +154,54 @@ def test_bad_sampler_arguments_are_user_errors(model):
         run(model, sampler="dpmsolver++", eta=0.5)
     with pytest.raises(UserError, match="^steps: 51 is not between 1 and num_train_timesteps=50"):
         run(model, sampler="ddim", steps=51)
+
+
+class PointMassVelocity(torch.nn.Module):
+    """The exact flow-matching velocity when every image is `target`: on x_s = (1 - s) target + s noise the
+    velocity noise - target is (x_s - target) / s. Records the batch size of each call."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target, self.anchor, self.batches = target, torch.nn.Parameter(torch.zeros(())), []
+
+    def forward(self, x, t, labels, drop=None):
+        self.batches.append(len(x))
+        s = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1, 1, 1) / 1000
+        return (x - self.target) / s
+
+
+@pytest.mark.parametrize("sampler", FLOW_SAMPLERS)
+def test_flow_samplers_follow_the_exact_velocity_to_the_image(sampler):
+    """The straight path is the rectified flow's ODE: with the exact velocity both samplers land on the image,
+    which also checks the timestep convention (the model sees s * num_train_timesteps, as in training)."""
+    target = torch.linspace(-0.8, 0.8, 3 * 8 * 8).reshape(1, 3, 8, 8)
+    flow = make_noise_scheduler(objective="flow_matching")
+    images = sample(PointMassVelocity(target), LABELS, train_scheduler=flow, sampler=sampler, steps=6,
+                    image_size=8, generator=torch.Generator().manual_seed(0))
+    # DPM-Solver's timesteps are its sigmas x 1000 rounded to whole steps: the model sees t up to 1 step off
+    torch.testing.assert_close(images, target.expand(2, -1, -1, -1), atol=1e-4 if sampler == "euler" else 3e-3, rtol=0)
+
+
+def test_flow_matching_trains_on_the_straight_line_towards_the_velocity():
+    flow = make_noise_scheduler(objective="flow_matching")
+    x0, noise = torch.rand(64, 3, 4, 4), torch.randn(64, 3, 4, 4)
+    x_t, t, target = noised(flow, x0, noise, torch.Generator().manual_seed(0))
+    s = (t / 1000).view(-1, 1, 1, 1)
+    assert t.dtype == torch.float32 and 0 <= t.min() and t.max() < 1000 and t.std() > 200  # uniform over the line
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(target, noise - x0)
+    per_sample, _ = diffusion_loss(PointMassVelocity(x0[:1]), flow, x0[:1].expand(8, -1, -1, -1), LABELS[:1].expand(8, -1),
+                                   torch.Generator().manual_seed(1))
+    torch.testing.assert_close(per_sample, torch.zeros(8), atol=1e-5, rtol=0)  # the exact velocity has no loss
+    with pytest.raises(UserError, match=r"^sampler: unknown sampler 'ddim'; choose one of: euler, dpmsolver\+\+$"):
+        make_sampler("ddim", flow)
+
+
+@pytest.mark.parametrize("interval, guided", [((0.0, 1.0), 10), ((0.5, 1.0), 5), ((0.0, 0.3), 3), ((0.35, 0.75), 4)])
+def test_guidance_applies_only_within_its_interval(interval, guided):
+    """DDIM's 10 trailing steps of 1000 sit at t/T = 0.999, 0.899, ..., 0.099: a guided step runs the doubled
+    batch (conditional and null rows), any other the conditional rows alone."""
+    model = PointMassVelocity(torch.zeros(1, 3, 8, 8))
+    run(model, train_scheduler=make_noise_scheduler("cosine", 1000), sampler="ddim", steps=10, image_size=8,
+        guidance_scale=3.0, guidance_interval=interval)
+    assert model.batches.count(2 * len(LABELS)) == guided and len(model.batches) == 10
