@@ -47,7 +47,7 @@ def main(argv=None):
     config = load_config(args.config, args.overrides, base=args.base)
     seeds = args.seeds or config.seeds
     base = args.base or read_yaml(args.config).get("base")
-    if base and changes_nothing(config, load_config(base if args.base else Path(args.config).parent / base,
+    if base and changes_nothing(config, base_config(base if args.base else Path(args.config).parent / base,
                                                     args.overrides)):
         print(f"{args.config}: changes nothing on {base} (preset {config.preset}); nothing to run")
         return 0
@@ -59,9 +59,20 @@ def main(argv=None):
     return 0
 
 
+def base_config(path, overrides):
+    """An ablation's base under the same overrides; None where they do not fit it (`--set model.unet=dit` on a
+    base with adagn conditioning), so the ablation differs from it."""
+    try:
+        return load_config(path, overrides)
+    except UserError:
+        return None
+
+
 def changes_nothing(config, base):
     """Whether an ablation resolves to its base's config: it only names an axis whose value the base already has
     (sampler_dpmsolver20 on base.yaml). Such a run would repeat the base's."""
+    if base is None:
+        return False
     ignored = {"run_name", "ablation"}
     return {k: v for k, v in flatten(config).items() if k not in ignored} == \
         {k: v for k, v in flatten(base).items() if k not in ignored}

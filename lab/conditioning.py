@@ -9,7 +9,7 @@ must not confuse it with "unconditional").
 """
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel, UNet2DModel
+from diffusers import ConfigMixin, ModelMixin, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
@@ -83,6 +83,8 @@ class CrossAttn(nn.Module):
     @staticmethod
     def build_unet(cfg, num_labels):
         cfg = dict(cfg)
+        if cfg.pop("transformer", False):
+            return LabelTokenTransformer(cfg)
 
         def swap(names):  # same attention placement, cross-attention flavour
             return tuple(_CROSS_ATTN_BLOCKS.get(n, n) for n in names)
@@ -119,6 +121,23 @@ class CrossAttn(nn.Module):
             mask = torch.where(drop[:, None], null_only, mask)
         states = self.tokens.weight.expand(b, -1, -1)
         return x, {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+
+class LabelTokenTransformer(nn.Module):
+    """diffusers' PixArtTransformer2DModel called as the UNets are, (x, t, tokens, mask) -> .sample: one patch per
+    pixel of its input (ConditionalUNet has patched the image already), the label tokens at the model's width."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        self.transformer = PixArtTransformer2DModel(**{"patch_size": 1, "cross_attention_dim": width,
+                                                       "caption_channels": None, "use_additional_conditions": False,
+                                                       **cfg})
+        self.config = self.transformer.config
+
+    def forward(self, x, t, encoder_hidden_states, encoder_attention_mask):
+        return self.transformer(x, encoder_hidden_states, timestep=t, encoder_attention_mask=encoder_attention_mask,
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
 class Concat(nn.Module):

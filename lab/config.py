@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from lab.errors import UserError
 from lab.stores import tracking_uri_problem
-from lab.model_zoo import CFG_NULLS, CONDITIONING, UNETS, attention_problem, size_problem
+from lab.model_zoo import CFG_NULLS, CONDITIONING, UNETS, attention_problem, conditioning_problem, size_problem
 from lab.schedules import (BETA_SCHEDULES, FLOW_SAMPLERS, LOSS_WEIGHTINGS, OBJECTIVES, PREDICTION_TYPES, SAMPLERS,
                            sampler_steps_problem)
 
@@ -229,6 +229,9 @@ def cross_checks(config):
                                 model.overrides)
     if problem:
         return [("model.attention_resolutions", problem)]
+    problem = conditioning_problem(model.unet, model.conditioning)
+    if problem:
+        return [("model.unet", problem)]
     diffusion = config.diffusion
     if diffusion.objective == "flow_matching" and diffusion.loss_weighting != "uniform":
         return [("diffusion.objective", f"flow_matching takes diffusion.loss_weighting: uniform "

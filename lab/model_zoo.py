@@ -1,10 +1,11 @@
-"""The model zoo: UNet variants x label-conditioning styles for conditional DDPMs on i-CLEVR (multi-hot labels,
-24 classes), as plain data, and `build_model`, which makes one.
+"""The model zoo: UNet variants (and a transformer) x label-conditioning styles for conditional DDPMs on i-CLEVR
+(multi-hot labels, 24 classes), as plain data, and `build_model`, which makes one.
 
     model = build_model("small", "adagn")        # a lab.conditioning.ConditionalUNet around a diffusers UNet
+    model = build_model("dit", "cross_attn", image_size=32, patch_size=2)   # a transformer on 2x2 patches
 
-The UNets are diffusers' own (UNet2DModel, UNet2DConditionModel), given as their kwargs; each conditioning style
-adds a small label front-end (lab/conditioning.py). Width and attention placement are config keys
+The backbones are diffusers' own (UNet2DModel, UNet2DConditionModel, PixArtTransformer2DModel), given as their
+kwargs; each conditioning style adds a small label front-end (lab/conditioning.py). Width and attention placement are config keys
 (`model.width`, `model.attention_resolutions`) rather than more variants, so the UNet ablations mean the same at
 every scale. Nothing here loads torch, so that a config is checked (`--dry-run`) against the zoo without it;
 torch and diffusers load when a model is built.
@@ -39,6 +40,10 @@ UNETS = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
     ),
+    # A transformer on the model's patches (DiT with PixArt-alpha's adaLN-single: diffusers'
+    # PixArtTransformer2DModel): the timestep modulates every block's LayerNorms, every block reads the label
+    # tokens by cross-attention (so it takes the cross_attn style). model.width scales the heads.
+    "dit": dict(transformer=True, num_layers=8, num_attention_heads=4, attention_head_dim=32),
     # CPU-sized for tests: 3 levels, attention at the lowest one; 8 groups because 32 channels.
     "tiny": dict(
         block_out_channels=(32, 64, 64),
@@ -61,6 +66,10 @@ def unet_kwargs(unet, image_size, patch_size=1, width=1.0, attention_resolutions
     patching; None: the variant's placement), then `overrides`. So an ablation such as `model.width: 1.5`
     means the same thing at every scale: 1.5x the channels of whatever UNet the preset uses."""
     cfg = dict(UNETS[unet])
+    if cfg.get("transformer"):
+        if width != 1:  # more heads of the same size
+            cfg["num_attention_heads"] = max(1, round(cfg["num_attention_heads"] * width))
+        return {**cfg, **(overrides or {})}
     groups = cfg.get("norm_num_groups", 32)
     if width != 1:
         cfg["block_out_channels"] = tuple(max(groups, round(c * width / groups) * groups)
@@ -76,6 +85,8 @@ def attention_problem(unet, image_size, patch_size, attention_resolutions, overr
     """Why `attention_resolutions` names a size that no level of the UNet has, or None."""
     if unet not in UNETS or not attention_resolutions:
         return None
+    if UNETS[unet].get("transformer"):
+        return f"'{unet}' attends in every block; attention_resolutions places a UNet's attention"
     sizes = feature_sizes({**UNETS[unet], **(overrides or {})}, image_size, patch_size)
     unknown = sorted(set(attention_resolutions) - set(sizes))
     return f"{unknown} not among this UNet's feature-map sizes {sizes}" if unknown else None
@@ -86,6 +97,8 @@ def size_problem(unet, image_size, overrides=None, patch_size=1):
     and every level but the last halves it), or None."""
     if image_size % patch_size:
         return f"{image_size} is not divisible by the patch size {patch_size}"
+    if UNETS.get(unet, {}).get("transformer"):
+        return None  # one resolution throughout
     try:
         levels = len({**UNETS[unet], **(overrides or {})}["block_out_channels"])
     except (KeyError, TypeError):
@@ -103,6 +116,15 @@ CONDITIONING = {
     "cross_attn": "CrossAttn",  # (c) a learned token per present label, read by cross-attention
     "concat": "Concat",         # (d) the multi-hot vector as extra input channels
 }
+
+
+def conditioning_problem(unet, conditioning):
+    """Why the backbone cannot take the conditioning style, or None: a transformer reads labels as tokens only."""
+    if UNETS.get(unet, {}).get("transformer") and conditioning != "cross_attn":
+        return f"'{unet}' reads the labels as tokens in every block: it takes model.conditioning: cross_attn"
+    return None
+
+
 # The null condition of classifier-free guidance: one learned null, or the null plus the number of labels asked for.
 CFG_NULLS = {"learned": False, "count": True}
 
@@ -124,6 +146,9 @@ def build_model(unet: str = "reference", conditioning: str = "time_add", num_lab
     problem = size_problem(unet, image_size, unet_overrides, patch_size)
     if problem:
         raise UserError("image_size", problem)
+    problem = conditioning_problem(unet, conditioning)
+    if problem:
+        raise UserError("conditioning", problem)
     zoo = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
                patch_size=patch_size, width=width, attention_resolutions=attention_resolutions, cfg_null=cfg_null,
                **unet_overrides)

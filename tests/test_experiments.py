@@ -75,6 +75,17 @@ def test_every_experiment_file_runs_from_the_command_line(path, shrunk):
     assert json.loads(trial.data.tags["optuna_params"]).keys() == searched
 
 
+def test_the_transformer_backbone_trains_samples_and_scores(shrunk):
+    """backbone_dit.yaml as the suite runs it, on a 2-block transformer (the shrunk configs use the tiny UNet)."""
+    overrides, client = shrunk
+    shrink = {**SHRINK, "model.unet": "dit", "model.width": 0.5, "model.overrides": "{num_layers: 2}"}
+    args = [arg for assignment in overrides(shrink) for arg in ("--set", assignment)]
+    assert main([str(EXPERIMENTS / "ablations" / "backbone_dit.yaml"), *args, "--device", "cpu"]) == 0
+    run, = client.search_runs([client.get_experiment_by_name("iclevr-ablations").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.unet"] == "dit"
+    assert {"val_accuracy", "best_val_accuracy", "test_accuracy"} <= {metric_name(k) for k in run.data.metrics}
+
+
 def test_every_seed_keeps_the_callers_tags(monkeypatch):
     """--seeds trains one run per seed; each carries the group tag and every tag its caller passed."""
     import run_experiment

@@ -1,13 +1,15 @@
 """lab.model_zoo: every conditioning style on the tiny UNet at 32x32, CFG algebra, the registries' errors, and the
 reference architecture's exact config (built, never run: it is 114M parameters)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from lab.errors import UserError
 from lab.conditioning import ConditionalUNet, guided_prediction
-from lab.model_zoo import CONDITIONING, UNETS, build_model
+from lab.model_zoo import CONDITIONING, UNETS, build_model, conditioning_problem
 
 STYLES = list(CONDITIONING)
 
@@ -235,5 +237,38 @@ def test_cross_attn_follows_the_attention_placement():
 @pytest.mark.parametrize("unet", [u for u in UNETS if u != "tiny"])
 def test_every_variant_builds_with_every_style(unet):
     for style in STYLES:
+        if conditioning_problem(unet, style):
+            with pytest.raises(UserError, match="^conditioning: "):
+                build_model(unet, style)
+            continue
         model = build_model(unet, style)
         assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+def test_the_transformer_reads_the_label_tokens_in_every_block(batch):
+    """dit: diffusers' PixArtTransformer2DModel on 2x2 patches; every block cross-attends to the label tokens, the
+    null and empty sets stay apart, and it takes no other conditioning style nor an attention placement."""
+    torch.manual_seed(0)
+    model = build_model("dit", "cross_attn", image_size=32, patch_size=2, width=0.5)
+    blocks = model.unet.transformer.transformer_blocks
+    assert len(blocks) == 8 and all(block.attn2 is not None for block in blocks)
+    assert model.unet.config.num_attention_heads == 2 and model.unet.config.sample_size == 16
+    x, t, labels = batch
+    out = model(x, t, labels, drop=torch.tensor([False, True, False]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert model.cond.tokens.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        other = model(x, t, labels.roll(1, dims=0))
+        dropped = model(x, t, labels, drop=torch.ones(3, dtype=torch.bool))
+        null = model(x, t, torch.zeros(3, 24), drop=torch.ones(3, dtype=torch.bool))
+    assert not torch.allclose(model(x, t, labels).detach(), other, atol=1e-4)
+    torch.testing.assert_close(dropped, null)  # dropped rows see the null token alone, whatever was asked
+    for style in STYLES:
+        if style != "cross_attn":
+            with pytest.raises(UserError, match="^conditioning: 'dit' reads the labels as tokens"):
+                build_model("dit", style, image_size=32, patch_size=2)
+    with pytest.raises(UserError, match="attends in every block"):
+        from lab.config import load_config
+        load_config(Path(__file__).parent.parent / "experiments/ablations/backbone_dit.yaml",
+                    ["model.attention_resolutions=[16]"])
