@@ -31,7 +31,7 @@ class SamplingSetup:
     config: object          # ExperimentConfig: eval.* (sampler, steps, guidance), data.image_size, autocast
     device: torch.device
     model: torch.nn.Module
-    noise_scheduler: object  # the training DDPMScheduler: the samplers take its betas
+    noise_scheduler: object  # the training DDPMScheduler (the samplers take its betas), or the flow's
     evaluator: object       # lab.eval.Evaluator: the course's rule, and the features of KID and FD
     strict_judge: object    # an Evaluator with a count head for these images, or None (no strict figures)
     label_names: list       # label index -> name (objects.json), for the captions of sample grids
@@ -82,7 +82,7 @@ def make_model(config):
 def make_noise_scheduler(config):
     """The training noise scheduler of the config (lab.schedules)."""
     d = config.diffusion
-    return schedules.make_noise_scheduler(d.beta_schedule, d.num_train_timesteps, d.prediction_type)
+    return schedules.make_noise_scheduler(d.beta_schedule, d.num_train_timesteps, d.prediction_type, d.objective)
 
 
 def prepare(config, config_path, device=None, fresh=False):
