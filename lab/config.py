@@ -239,7 +239,8 @@ def cross_checks(config):
     problem = sampler_steps_problem(config.eval.sampler, config.eval.steps, diffusion.num_train_timesteps,
                                     diffusion.objective)
     if problem:
-        return [("eval.sampler" if config.eval.sampler not in OBJECTIVES[diffusion.objective] else "eval.steps", problem)]
+        key = "eval.steps" if config.eval.sampler in OBJECTIVES[diffusion.objective] else "eval.sampler"
+        return [(key, problem)]
     return []
 
 
@@ -370,8 +371,8 @@ def load_config(path, overrides=(), base=None):
 
 
 # Keys that change how a trained model is sampled and scored, not how it trains; and the run's bookkeeping.
-SAMPLING_KEYS = {"eval.sampler", "eval.steps", "eval.eta", "eval.guidance_scale", "eval.guidance_interval", "eval.batch_size", "eval.val_seeds",
-                 "eval.final_seeds", "eval.test_splits", "eval.heldout_split"}
+SAMPLING_KEYS = {"eval.sampler", "eval.steps", "eval.eta", "eval.guidance_scale", "eval.guidance_interval",
+                 "eval.batch_size", "eval.val_seeds", "eval.final_seeds", "eval.test_splits", "eval.heldout_split"}
 BOOKKEEPING_KEYS = {"experiment", "run_name", "preset", "ablation", "seeds", "tracking_uri", "output_dir"}
 
 

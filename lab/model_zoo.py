@@ -5,10 +5,10 @@
     model = build_model("dit", "cross_attn", image_size=32, patch_size=2)   # a transformer on 2x2 patches
 
 The backbones are diffusers' own (UNet2DModel, UNet2DConditionModel, PixArtTransformer2DModel), given as their
-kwargs; each conditioning style adds a small label front-end (lab/conditioning.py). Width and attention placement are config keys
-(`model.width`, `model.attention_resolutions`) rather than more variants, so the UNet ablations mean the same at
-every scale. Nothing here loads torch, so that a config is checked (`--dry-run`) against the zoo without it;
-torch and diffusers load when a model is built.
+kwargs; each conditioning style adds a small label front-end (lab/conditioning.py). Width and attention
+placement are config keys (`model.width`, `model.attention_resolutions`) rather than more variants, so the UNet
+ablations mean the same at every scale. Nothing here loads torch, so that a config is checked (`--dry-run`)
+against the zoo without it; torch and diffusers load when a model is built.
 """
 import importlib
 

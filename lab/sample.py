@@ -60,11 +60,13 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="output folder (default: samples/ beside the checkpoint)")
     parser.add_argument("--root", help="data root whose labels and evaluator to use (default: the checkpoint's)")
     parser.add_argument("--evaluator", help="an evaluator checkpoint, e.g. the course's checkpoint.pth")
-    parser.add_argument("--sampler", help="ddpm, ddim or dpmsolver++ (default: the run's)")
+    parser.add_argument("--sampler", help="ddpm, ddim or dpmsolver++; euler or dpmsolver++ for flow matching "
+                                          "(default: the run's)")
     parser.add_argument("--steps", type=positive, help="sampler steps (default: the run's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="guide only at noise levels t/T within [LOW, HIGH], 1 being pure noise (default: the run's)")
+                        help="guide only at noise levels t/T within [LOW, HIGH], 1 being pure noise "
+                             "(default: the run's)")
     parser.add_argument("--batch-size", type=positive, help="images per sampling batch (default: the run's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--tracking-uri", help="the MLflow store of a run id and of --log (default: "
@@ -178,7 +180,8 @@ def draw_prompt(index, prompt, row, setup, args, out):
     with build.autocast(setup.config, setup.device):
         frames = denoising_strip(setup.model, row.to(setup.device), frames=args.frames,
                                  train_scheduler=setup.noise_scheduler, sampler=cfg.sampler, steps=cfg.steps,
-                                 eta=cfg.eta, guidance_scale=cfg.guidance_scale, guidance_interval=cfg.guidance_interval,
+                                 eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                                 guidance_interval=cfg.guidance_interval,
                                  generator=torch.Generator(setup.device).manual_seed(args.seed),
                                  image_size=setup.config.data.image_size)
     titled_rows(frames.float().transpose(0, 1), [prompt]).save(folder / "denoising.png")

@@ -110,7 +110,8 @@ def generate(model, labels, setup, *, seed, sampler=None, steps=None, guidance_s
             images.append(sample(model, chunk.to(setup.device), train_scheduler=setup.noise_scheduler,
                                  sampler=sampler, steps=steps, eta=cfg.eta,
                                  guidance_scale=cfg.guidance_scale if guidance_scale is None else guidance_scale,
-                                 guidance_interval=cfg.guidance_interval, generator=generator, image_size=setup.config.data.image_size,
+                                 guidance_interval=cfg.guidance_interval, generator=generator,
+                                 image_size=setup.config.data.image_size,
                                  callback=lambda *_: bar.update()).float())
     return torch.cat(images)
 
@@ -133,7 +134,8 @@ def strip_image(model, setup, seed):
     with build.autocast(setup.config, setup.device):
         frames = denoising_strip(model, labels, frames=10, train_scheduler=setup.noise_scheduler, sampler=cfg.sampler,
                                  steps=cfg.steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                                 guidance_interval=cfg.guidance_interval, generator=torch.Generator(setup.device).manual_seed(seed),
+                                 guidance_interval=cfg.guidance_interval,
+                                 generator=torch.Generator(setup.device).manual_seed(seed),
                                  image_size=setup.config.data.image_size)
     return titled_rows(frames.float().transpose(0, 1), STRIP_LABELS)
 
