@@ -76,7 +76,7 @@ def make_model(config):
     m = config.model
     return build_model(m.unet, m.conditioning, image_size=config.data.image_size, patch_size=m.patch_size,
                        width=m.width, attention_resolutions=m.attention_resolutions, cfg_null=m.cfg_null,
-                       **m.overrides)
+                       self_conditioning=m.self_conditioning, **m.overrides)
 
 
 def make_noise_scheduler(config):

@@ -75,7 +75,7 @@ def unet_problem(config):
         with torch.device("meta"):
             build_model(m.unet, m.conditioning, image_size=config.data.image_size, patch_size=m.patch_size,
                         width=m.width, attention_resolutions=m.attention_resolutions, cfg_null=m.cfg_null,
-                        **m.overrides)
+                        self_conditioning=m.self_conditioning, **m.overrides)
     except UserError as e:
         return e.message
     return None

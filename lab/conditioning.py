@@ -173,11 +173,14 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 
     With patch_size p > 1 the UNet works on p x p patches (pixel unshuffle: (3, H, W) -> (3p^2, H/p, W/p)) and
     its output is shuffled back: every convolution runs at 1/p^2 of the pixels, so on a CPU budget the same
-    compute buys a wider network (the first layer of "simple diffusion" and U-ViT's patches)."""
+    compute buys a wider network (the first layer of "simple diffusion" and U-ViT's patches).
+
+    With self_conditioning the backbone takes 3 more input channels (per patch): an estimate of the clean image
+    (lab.diffusion), zeros when none is given."""
 
     @register_to_config
     def __init__(self, front_end: str, unet_kwargs: dict, num_labels: int = 24, patch_size: int = 1,
-                 counted_null: bool = False, zoo: dict = None):
+                 counted_null: bool = False, zoo: dict = None, self_conditioning: bool = False):
         super().__init__()
         style = FRONT_ENDS[front_end]
         self.unet = style.build_unet(dict(unet_kwargs), num_labels)
@@ -189,27 +192,35 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         """What lab.model_zoo.build_model was called with."""
         return self.config.zoo
 
-    def forward(self, x, t, labels, drop=None):
-        """x (B,3,H,W), t scalar or (B,), labels (B,num_labels) float multi-hot; drop (B,) bool -> null condition."""
+    def forward(self, x, t, labels, drop=None, x0_estimate=None):
+        """x (B,3,H,W), t scalar or (B,), labels (B,num_labels) float multi-hot; drop (B,) bool -> null condition;
+        x0_estimate (B,3,H,W) for a self-conditioned model (None: zeros), ignored by others."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if self.config.self_conditioning:
+            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate.to(x.dtype)], dim=1)
         x = nn.functional.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x
         x, kwargs = self.cond(x, labels.to(x.device, torch.float32), drop)
         out = self.unet(x, t, **kwargs).sample
         return nn.functional.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
 
 
-def guided_prediction(model, x, t, labels, guidance_scale: float) -> torch.Tensor:
-    """CFG as ONE doubled batch: cond and null rows together; pred = null + s*(cond - null).
+def guided_prediction(model, x, t, labels, guidance_scale: float, x0_estimate=None) -> torch.Tensor:
+    """CFG as ONE doubled batch: cond and null rows together; pred = null + s*(cond - null). x0_estimate: a
+    self-conditioned model's estimate of the clean image, the same for both halves.
 
     Scale 1 returns exactly the conditional prediction and skips the null half entirely.
     """
+    extra = {} if x0_estimate is None else {"x0_estimate": x0_estimate}
     if guidance_scale == 1:
-        return model(x, t, labels)
+        return model(x, t, labels, **extra)
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device)
     t = t.expand(b) if t.ndim == 0 else t
     drop = torch.arange(2 * b, device=x.device) >= b
-    cond, null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, labels]), drop=drop).chunk(2)
+    if x0_estimate is not None:
+        extra = {"x0_estimate": torch.cat([x0_estimate, x0_estimate])}
+    cond, null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, labels]), drop=drop,
+                       **extra).chunk(2)
     return null + guidance_scale * (cond - null)

@@ -105,6 +105,7 @@ class ModelConfig(Section):
     attention_resolutions: Optional[list[int]] = None  # UNet feature-map sizes with self-attention; null: the variant's
     cfg_dropout: float = Field(0.0, ge=0, lt=1)  # label dropout to the learned null condition (CFG)
     cfg_null: choice(CFG_NULLS) = "learned"  # count: the null also knows how many labels were asked for
+    self_conditioning: bool = False      # the model also reads its own x0 estimate (lab/diffusion.py)
 
 
 class DiffusionConfig(Section):

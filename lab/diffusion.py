@@ -5,6 +5,10 @@ or flow matching (rectified flow: a straight line from the image to noise, a vel
     train = make_noise_scheduler("cosine", prediction_type="v_prediction")       # lab.schedules
     per_sample, t = diffusion_loss(model, train, x0, labels, generator, cfg_dropout=0.1)
     loss = (per_sample * loss_weights(train, t, "min_snr")).mean()
+
+With self-conditioning (Chen et al. 2022, "Analog Bits") the model also reads an estimate of the clean image:
+its own earlier prediction while sampling, and in training, for half of each batch, a first prediction made
+without gradients (zeros for the other half and at the first sampling step).
 """
 
 import torch
@@ -36,6 +40,20 @@ def loss_weights(scheduler, t, weighting: str = "uniform", snr_gamma: float = 5.
     return snr.clamp(max=snr_gamma) / (snr + 1)
 
 
+def predicted_x0(scheduler, x_t, t, pred):
+    """The clean image implied by a prediction at timesteps t (a scalar or (B,)): x_t - s v for flow matching at
+    s = t / T, else from DDPM's alphas_cumprod for the epsilon or v target."""
+    t = torch.as_tensor(t, device=x_t.device)
+    if is_flow_matching(scheduler):
+        s = t.float() / scheduler.config.num_train_timesteps
+        return x_t - (s.view(-1, 1, 1, 1) if s.ndim else s) * pred
+    a = scheduler.alphas_cumprod.to(x_t.device)[t.long()]
+    a = a.view(-1, 1, 1, 1) if a.ndim else a
+    if scheduler.config.prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+    return a.sqrt() * x_t - (1 - a).sqrt() * pred
+
+
 def noised(noise_scheduler, x0, noise, generator):
     """(x_t, t, target) at random timesteps t in [0, num_train_timesteps): DDPM's integer steps, or for flow
     matching s * T at a uniform s, with x_t = (1 - s) x0 + s noise and the velocity noise - x0 as target."""
@@ -48,14 +66,24 @@ def noised(noise_scheduler, x0, noise, generator):
     return noise_scheduler.add_noise(x0, noise, t), t, training_target(noise_scheduler, x0, noise, t)
 
 
-def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.0):
+def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.0, self_conditioning=False):
     """Per-sample MSE to the training target at random timesteps, and those timesteps.
 
-    With cfg_dropout > 0 a random share of rows uses the learned null condition (classifier-free guidance).
+    With cfg_dropout > 0 a random share of rows uses the learned null condition (classifier-free guidance). With
+    self_conditioning the model takes an x0 estimate: the first half of the batch (a random half: batches are
+    shuffled) its own prediction without gradients, the rest zeros; a fixed half keeps shapes static.
     """
     b, device = len(x0), x0.device
     noise = torch.randn(x0.shape, generator=generator, device=device)
     x_t, t, target = noised(noise_scheduler, x0, noise, generator)
     drop = torch.rand(b, generator=generator, device=device) < cfg_dropout if cfg_dropout > 0 else None
-    pred = model(x_t, t, labels, drop)
+    if self_conditioning:
+        half, estimate = b // 2, torch.zeros_like(x_t)
+        with torch.no_grad():
+            first = model(x_t[:half], t[:half], labels[:half], None if drop is None else drop[:half],
+                          estimate[:half])
+            estimate[:half] = predicted_x0(noise_scheduler, x_t[:half], t[:half], first.float()).clamp(-1, 1)
+        pred = model(x_t, t, labels, drop, estimate)
+    else:
+        pred = model(x_t, t, labels, drop)
     return (pred.float() - target).square().mean((1, 2, 3)), t

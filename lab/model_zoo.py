@@ -131,14 +131,14 @@ CFG_NULLS = {"learned": False, "count": True}
 
 def build_model(unet: str = "reference", conditioning: str = "time_add", num_labels: int = 24,
                 image_size: int = 64, patch_size: int = 1, width: float = 1.0, attention_resolutions=None,
-                cfg_null: str = "learned", **unet_overrides):
+                cfg_null: str = "learned", self_conditioning: bool = False, **unet_overrides):
     """Build UNETS[unet] with CONDITIONING[conditioning] on patch_size x patch_size patches of the image, its
-    channels times `width`, self-attention at `attention_resolutions` (unet_kwargs); unet_overrides
-    replace UNet2DModel kwargs of the variant."""
+    channels times `width`, self-attention at `attention_resolutions` (unet_kwargs), reading an x0 estimate too
+    with `self_conditioning`; unet_overrides replace UNet2DModel kwargs of the variant."""
     choose("unet", "UNet variant", unet, UNETS)
     # RGB in and out (per patch), spelled out because UNet2DConditionModel defaults to 4 (latent) channels.
     channels = 3 * patch_size ** 2
-    cfg = {"in_channels": channels, "out_channels": channels,
+    cfg = {"in_channels": channels * (2 if self_conditioning else 1), "out_channels": channels,
            **unet_kwargs(unet, image_size, patch_size, width, attention_resolutions, unet_overrides),
            "sample_size": image_size // patch_size}
     front_end = choose("conditioning", "conditioning style", conditioning, CONDITIONING)
@@ -151,10 +151,11 @@ def build_model(unet: str = "reference", conditioning: str = "time_add", num_lab
         raise UserError("conditioning", problem)
     zoo = dict(unet=unet, conditioning=conditioning, num_labels=num_labels, image_size=image_size,
                patch_size=patch_size, width=width, attention_resolutions=attention_resolutions, cfg_null=cfg_null,
-               **unet_overrides)
+               self_conditioning=self_conditioning, **unet_overrides)
     # torch and diffusers load here, when a model is built: the zoo above is read without them
     conditioning_module = importlib.import_module("lab.conditioning")
     try:
-        return conditioning_module.ConditionalUNet(front_end, cfg, num_labels, patch_size, counted, zoo)
+        return conditioning_module.ConditionalUNet(front_end, cfg, num_labels, patch_size, counted, zoo,
+                                                   self_conditioning)
     except (TypeError, ValueError) as e:  # diffusers validates the kwargs; report it as the user's config error
         raise UserError("unet_overrides" if unet_overrides else "unet", str(e)) from e

@@ -17,6 +17,7 @@ from lab import build
 from lab.checkpoints import load_checkpoint
 from lab.conditioning import guided_prediction
 from lab.config import ExperimentConfig
+from lab.diffusion import predicted_x0
 from lab.errors import UserError
 from lab.eval import judge_samples, nonfinite, over_seeds
 from lab.grids import label_names_of, labelled_grid, titled_rows
@@ -33,9 +34,10 @@ def sample(model, labels, *, train_scheduler, sampler="ddim", steps=50, eta=0.0,
     steps is ignored by "ddpm" (it runs all training steps); eta is DDIM's and must stay 0 for the others.
     Guidance applies at the steps whose noise level t / num_train_timesteps lies within `guidance_interval`
     (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"); the others take the conditional
-    prediction alone. callback(i, t, x) runs after step i with the current latent x. noise: the starting latent,
-    else drawn from generator (a CPU generator gives the same images on any device). The model is put in eval mode
-    meanwhile.
+    prediction alone. A self-conditioned model (model.config.self_conditioning) reads the clean image implied by
+    the previous step's (guided) prediction, zeros at the first. callback(i, t, x) runs after step i with the
+    current latent x. noise: the starting latent, else drawn from generator (a CPU generator gives the same images
+    on any device). The model is put in eval mode meanwhile.
     """
     if eta and sampler != "ddim":
         raise UserError("eta", f"only the ddim sampler takes eta; '{sampler}' does not")
@@ -50,12 +52,15 @@ def sample(model, labels, *, train_scheduler, sampler="ddim", steps=50, eta=0.0,
     step_kwargs = {"generator": generator, **({"eta": eta} if sampler == "ddim" else {})}
     low, high = guidance_interval
     num_train_timesteps = train_scheduler.config.num_train_timesteps
+    estimate = torch.zeros_like(x) if getattr(getattr(model, "config", None), "self_conditioning", False) else None
     was_training = model.training
     model.eval()
     try:
         for i, t in enumerate(scheduler.timesteps):
             scale = guidance_scale if low <= float(t) / num_train_timesteps <= high else 1.0
-            pred = guided_prediction(model, scale_input(x, t), t, labels, scale)
+            pred = guided_prediction(model, scale_input(x, t), t, labels, scale, estimate)
+            if estimate is not None:
+                estimate = predicted_x0(train_scheduler, x, t, pred.float()).clamp(-1, 1)
             # .to: under autocast the prediction is bf16; the scheduler's arithmetic stays in float32
             x = scheduler.step(pred.to(x.dtype), t, x, **step_kwargs).prev_sample
             if callback is not None:

@@ -272,3 +272,20 @@ def test_the_transformer_reads_the_label_tokens_in_every_block(batch):
         from lab.config import load_config
         load_config(Path(__file__).parent.parent / "experiments/ablations/backbone_dit.yaml",
                     ["model.attention_resolutions=[16]"])
+
+
+@pytest.mark.parametrize("unet, style", [("tiny", "adagn"), ("tiny", "concat"), ("dit", "cross_attn")])
+def test_a_self_conditioned_model_reads_an_estimate_of_the_clean_image(unet, style):
+    """Three more input channels per patch, the output unchanged in shape; no estimate reads as zeros."""
+    torch.manual_seed(0)
+    model = build_model(unet, style, image_size=32, patch_size=2, self_conditioning=True,
+                        **({"num_layers": 1} if unet == "dit" else {})).eval()
+    plain = build_model(unet, style, image_size=32, patch_size=2, **({"num_layers": 1} if unet == "dit" else {}))
+    assert model.unet.config.in_channels == plain.unet.config.in_channels + 3 * 4
+    assert model.config.self_conditioning and model.build_kwargs["self_conditioning"]
+    x, labels = torch.randn(2, 3, 32, 32), torch.zeros(2, 24)
+    labels[:, 5] = 1
+    with torch.no_grad():
+        none, zeros = model(x, 500, labels), model(x, 500, labels, x0_estimate=torch.zeros_like(x))
+        estimate = model(x, 500, labels, x0_estimate=torch.rand_like(x))
+    assert none.shape == x.shape and torch.equal(none, zeros) and not torch.allclose(none, estimate)

@@ -178,19 +178,21 @@ def test_prepare_on_the_course_label_files(tmp_path):
 
 
 def test_a_flow_matching_transformer_pipeline_saves_and_loads_back(tmp_path):
-    """The pipeline keeps what sampling needs beyond the weights: the flow's scheduler and the guidance interval."""
+    """The pipeline keeps what sampling needs beyond the weights: the flow's scheduler, the guidance interval and
+    the model's self-conditioning."""
     from lab import build, load_pipeline
     from lab.config import load_config
     from lab.pipeline import pipeline_from_model
     from tests.conftest import EXPERIMENTS
     config = load_config(EXPERIMENTS / "ablations" / "objective_flow_matching.yaml", [
         "data.image_size=32", "model.unet=dit", "model.conditioning=cross_attn", "model.patch_size=2",
-        "model.overrides={num_layers: 2}", "eval.guidance_interval=[0.0, 0.5]", "eval.steps=3"])
+        "model.overrides={num_layers: 2}", "model.self_conditioning=true", "eval.guidance_interval=[0.0, 0.5]",
+        "eval.steps=3"])
     torch.manual_seed(0)
     pipe = pipeline_from_model(build.make_model(config), config)
     first = pipe(["red sphere", "cyan cube"], num_images=2, seed=1, output_type="pt")
     pipe.save_pretrained(tmp_path / "pipe")
     again = load_pipeline(tmp_path / "pipe")
     assert type(again.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
-    assert list(again.config.guidance_interval) == [0.0, 0.5]
+    assert list(again.config.guidance_interval) == [0.0, 0.5] and again.model.config.self_conditioning
     assert torch.equal(again(["red sphere", "cyan cube"], num_images=2, seed=1, output_type="pt"), first)

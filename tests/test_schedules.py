@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lab.errors import UserError
-from lab.diffusion import diffusion_loss, loss_weights, noised, training_target
+from lab.diffusion import diffusion_loss, loss_weights, noised, predicted_x0, training_target
 from lab.model_zoo import build_model
 from lab.sampling import denoising_strip, sample
 from lab.schedules import (BETA_SCHEDULES, FLOW_SAMPLERS, PREDICTION_TYPES, SAMPLERS, make_noise_scheduler,
@@ -205,3 +205,56 @@ def test_guidance_applies_only_within_its_interval(interval, guided):
     run(model, train_scheduler=make_noise_scheduler("cosine", 1000), sampler="ddim", steps=10, image_size=8,
         guidance_scale=3.0, guidance_interval=interval)
     assert model.batches.count(2 * len(LABELS)) == guided and len(model.batches) == 10
+
+
+@pytest.mark.parametrize("objective, prediction_type", [("denoising", "epsilon"), ("denoising", "v_prediction"),
+                                                        ("flow_matching", "v_prediction")])
+def test_the_clean_image_implied_by_the_exact_target_is_the_image(objective, prediction_type):
+    """predicted_x0 inverts each objective's training target: at the batch's timesteps and at one scalar step."""
+    train = make_noise_scheduler("cosine", prediction_type=prediction_type, objective=objective)
+    x0, noise = torch.rand(16, 3, 4, 4) * 2 - 1, torch.randn(16, 3, 4, 4)
+    x_t, t, target = noised(train, x0, noise, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(predicted_x0(train, x_t, t, target), x0, atol=2e-4, rtol=0)
+    one = noised(train, x0[:1], noise[:1], torch.Generator().manual_seed(1))
+    torch.testing.assert_close(predicted_x0(train, one[0], one[1][0], one[2]), x0[:1], atol=2e-4, rtol=0)
+
+
+class SelfConditionedPointMass(PointMassVelocity):
+    """The point mass's exact velocity, as a self-conditioned model: records the x0 estimate of each call."""
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.config, self.estimates, self.grads = type("Config", (), {"self_conditioning": True}), [], []
+
+    def forward(self, x, t, labels, drop=None, x0_estimate=None):
+        self.estimates.append(x0_estimate.clone())
+        self.grads.append(torch.is_grad_enabled())
+        return super().forward(x, t, labels, drop)
+
+
+def test_self_conditioned_sampling_reads_the_previous_steps_clean_image():
+    """Zeros at the first step; from then on the image the previous (guided) prediction implies, which for the
+    exact velocity is the point mass itself, in both halves of the guided batch."""
+    target = torch.linspace(-0.8, 0.8, 3 * 8 * 8).reshape(1, 3, 8, 8)
+    model = SelfConditionedPointMass(target)
+    images = sample(model, LABELS, train_scheduler=make_noise_scheduler(objective="flow_matching"), sampler="euler",
+                    steps=4, image_size=8, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, target.expand(2, -1, -1, -1), atol=1e-4, rtol=0)
+    first, *later = model.estimates
+    assert len(later) == 3 and first.shape == (4, 3, 8, 8) and not first.any()
+    for estimate in later:
+        torch.testing.assert_close(estimate, target.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_self_conditioned_training_feeds_half_the_batch_its_own_first_prediction():
+    """A first pass without gradients on the first half, its clean image (clamped) to those rows, zeros to the
+    rest; the exact velocity still has no loss."""
+    flow = make_noise_scheduler(objective="flow_matching")
+    target = torch.rand(1, 3, 4, 4) * 2 - 1
+    model = SelfConditionedPointMass(target)
+    per_sample, _ = diffusion_loss(model, flow, target.expand(8, -1, -1, -1), LABELS[:1].expand(8, -1),
+                                   torch.Generator().manual_seed(1), cfg_dropout=0.5, self_conditioning=True)
+    torch.testing.assert_close(per_sample, torch.zeros(8), atol=1e-5, rtol=0)
+    assert model.batches == [4, 8] and model.grads == [False, True] and not model.estimates[0].any()
+    torch.testing.assert_close(model.estimates[1][:4], target.expand(4, -1, -1, -1), atol=1e-5, rtol=0)
+    assert not model.estimates[1][4:].any()
