@@ -154,9 +154,18 @@ def make_optimizer(config, parameters, fused=None):
     return opt_cls(parameters, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
 
 
-def make_ema(config, parameters):
+def make_ema(config, parameters, length=1.0):
+    """The config's EMA, or one `length` times as long (1 / (1 - decay) is its averaging length in steps)."""
     ema = config.train.ema
-    return EMAModel(parameters, decay=ema.decay, use_ema_warmup=ema.warmup) if ema.enabled else None
+    decay = 1 - (1 - ema.decay) / length
+    return EMAModel(parameters, decay=decay, use_ema_warmup=ema.warmup) if ema.enabled else None
+
+
+def make_candidate_emas(config, parameters):
+    """{length: EMAModel} for each of train.ema.candidates (none with EMA off)."""
+    parameters = list(parameters)
+    return {length: make_ema(config, parameters, length) for length in config.train.ema.candidates
+            if config.train.ema.enabled}
 
 
 def make_lr_schedule(config, optimizer, clock):
@@ -169,6 +178,7 @@ class Optimisation:
     optimizer: torch.optim.Optimizer
     lr_schedule: object
     ema: object             # diffusers EMAModel, or None
+    candidate_emas: dict    # train.ema.candidates: {length: EMAModel}, chosen among after training
     wrapped: torch.nn.Module  # DistributedDataParallel over the model under data parallel, else the model
     forward: object         # what the loss calls: `wrapped`, compiled when the config says so
     clock: schedules.Clock
@@ -188,4 +198,4 @@ def optimisation(config, unet, device, total_steps):
     # state_dicts stay on `unet`: no _orig_mod. prefix
     forward = torch.compile(wrapped) if compiles(config, device) else wrapped
     return Optimisation(optimizer, make_lr_schedule(config, optimizer, clock), make_ema(config, unet.parameters()),
-                        wrapped, forward, clock)
+                        make_candidate_emas(config, unet.parameters()), wrapped, forward, clock)

@@ -121,6 +121,9 @@ class EmaConfig(Section):
     enabled: bool = True
     decay: float = Field(0.9999, gt=0, lt=1)
     warmup: bool = True                  # diffusers' EMA warm-up: short runs still get useful EMA weights
+    # more EMA lengths kept beside this one, as multiples of its 1/(1 - decay); after training, validation
+    # chooses among their final weights and the checkpoints (the length chosen after training, EDM2's question)
+    candidates: list[Annotated[float, Field(gt=0)]] = []
 
 
 class TrainConfig(Section):
@@ -233,6 +236,8 @@ def cross_checks(config):
     problem = conditioning_problem(model.unet, model.conditioning)
     if problem:
         return [("model.unet", problem)]
+    if config.train.ema.candidates and not config.train.ema.enabled:
+        return [("train.ema.candidates", "candidate EMA lengths need train.ema.enabled: true")]
     diffusion = config.diffusion
     if diffusion.objective == "flow_matching" and diffusion.loss_weighting != "uniform":
         return [("diffusion.objective", f"flow_matching takes diffusion.loss_weighting: uniform "

@@ -105,6 +105,8 @@ class TrainStep:
         self.opt.optimizer.zero_grad(set_to_none=True)
         if self.opt.ema is not None:
             self.opt.ema.step(self.model.parameters())
+        for ema in self.opt.candidate_emas.values():
+            ema.step(self.model.parameters())
 
     def _accumulate(self, images_u8, labels, step):
         config, scheduler = self.config, self.setup.noise_scheduler
@@ -142,7 +144,8 @@ class TrainStep:
     def state_dict(self):
         ema = self.opt.ema
         return {"model": self.model.state_dict(), "optimizer": self.opt.optimizer.state_dict(),
-                "lr_schedule": self.opt.lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None}
+                "lr_schedule": self.opt.lr_schedule.state_dict(), "ema": ema.state_dict() if ema else None,
+                "candidate_emas": {str(length): e.state_dict() for length, e in self.opt.candidate_emas.items()}}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
@@ -150,13 +153,17 @@ class TrainStep:
         self.opt.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.opt.ema is not None:
             self.opt.ema.load_state_dict(state["ema"])
+        for length, ema in self.opt.candidate_emas.items():
+            ema.load_state_dict(state["candidate_emas"][str(length)])
 
-    def sampling_model(self):
-        """The weights used for evaluation and sampling: the EMA copy when EMA is on."""
-        if self.opt.ema is None:
+    def sampling_model(self, length=None):
+        """The weights used for evaluation and sampling: the EMA copy when EMA is on (with `length`, that
+        candidate EMA's)."""
+        ema = self.opt.ema if length is None else self.opt.candidate_emas[length]
+        if ema is None:
             return self.model
         ema_model = copy.deepcopy(self.model)
-        self.opt.ema.copy_to(ema_model.parameters())
+        ema.copy_to(ema_model.parameters())
         return ema_model
 
 
@@ -331,11 +338,30 @@ class Run:
         self.best_score = max(metrics[self.config.eval.select_by], self.best_score)
         return metrics
 
+    def choose_ema_length(self):
+        """Each candidate EMA length's final weights validated as the main EMA's were at this step (logged as
+        `ema_x<length>_val_accuracy`, ...); one that beats best.pt's score replaces it, which records the length."""
+        select_by = self.config.eval.select_by
+        for length in self.train_step.opt.candidate_emas:
+            if self.reference_features is None:  # resumed straight into the end
+                self.reference_features = real_features(self.setup)
+            model = self.train_step.sampling_model(length)
+            metrics, _, _ = validation_metrics(model, self.setup, self.reference_features, self.step, self.bar.write)
+            self.tracker.log_metrics({f"ema_x{length:g}_{key}": value for key, value in metrics.items()
+                                      if key in ("val_accuracy", "val_exact_accuracy")}, self.step)
+            chosen = metrics[select_by] > self.best_score
+            if chosen:
+                save_best(model, self.config, self.step, metrics, self.best_path, ema_length=length)
+                self.best_score = metrics[select_by]
+            kept = ", the best so far: best.pt" if chosen else ""
+            self.bar.write(f"step {self.step}: EMA x{length:g} {select_by} {metrics[select_by]:.3f}{kept}")
+
     def finish(self):
         """The best checkpoint scored once on the test splits; the run marked finished in latest.pt."""
         self.bar.close()
         if not self.main:
             return {"run_id": None, "steps": self.step}
+        self.choose_ema_length()
         summary = score_best_checkpoint(self.setup, self.tracker, self.best_path, self.step)
         self.tracker.flush()  # every score is stored before the checkpoint says the run is finished
         save_checkpoint({**load_checkpoint(self.latest), "finished": True, "summary": summary}, self.latest)
@@ -366,14 +392,19 @@ def validate_and_keep_best(model, setup, tracker, reference_features, step, best
     log_grid_and_strip(model, images, verdicts, setup, tracker, step)
     score = metrics[select_by]
     if score > best_score:
-        save_checkpoint({"model": model.state_dict(), "config": to_yaml(setup.config), "step": step,
-                         "val_metrics": metrics}, best_path)
+        save_best(model, setup.config, step, metrics, best_path)
     exact = (f", exact scenes {metrics['val_exact_accuracy']:.3f} ± {metrics['val_exact_accuracy_std']:.3f}"
              if "val_exact_accuracy" in metrics else "")
     write(f"step {step}: val accuracy {metrics['val_accuracy']:.3f} ± {metrics['val_accuracy_std']:.3f}{exact} over "
           f"{setup.config.eval.val_seeds} seeds (best {select_by} {max(score, best_score):.3f}), "
           f"kid {metrics['val_kid']:.4f}, fd {metrics['val_fd']:.1f}")
     return metrics
+
+
+def save_best(model, config, step, metrics, path, **extra):
+    """best.pt: the sampling weights, the run's config and the validation figures that chose them."""
+    save_checkpoint({"model": model.state_dict(), "config": to_yaml(config), "step": step, "val_metrics": metrics,
+                     **extra}, path)
 
 
 def selection_score(best_state, config):
@@ -474,7 +505,8 @@ def score_best_checkpoint(setup, tracker, best_path, step):
     tracker.log_artifact(best_path, "checkpoints")
     # the machine as the run ends: a resumed run's last one, with every thread (an evaluator trained beside
     # had half of them at the start)
-    tracker.set_tags({"best_checkpoint": str(best_path.resolve()), "machine": machine(setup.device)})
+    tracker.set_tags({"best_checkpoint": str(best_path.resolve()), "machine": machine(setup.device),
+                      **({"ema_length_chosen": state["ema_length"]} if "ema_length" in state else {})})
     tracker.describe(headline(chosen, scores, setup.config.eval.select_by, seeds))
     return {"run_id": tracker.run_id, "steps": step, **metrics, "best_checkpoint": str(best_path),
             "grids": [str(path) for path in grids.values()], "tracking_uri": tracker.client.tracking_uri,

@@ -86,6 +86,27 @@ def test_the_transformer_backbone_trains_samples_and_scores(shrunk):
     assert {"val_accuracy", "best_val_accuracy", "test_accuracy"} <= {metric_name(k) for k in run.data.metrics}
 
 
+def test_the_ema_length_is_chosen_after_training_on_validation(shrunk):
+    """ema_chosen_after_training.yaml: the candidate EMAs train beside the main one (and resume with it), each is
+    validated at the end, and best.pt is whichever scored highest on validation, checkpoints and candidates
+    together, recording the candidate's length when one won."""
+    overrides, client = shrunk
+    args = [arg for assignment in overrides({**SHRINK, "train.max_steps": 4, "train.ema.decay": 0.9})
+            for arg in ("--set", assignment)]
+    assert main([str(EXPERIMENTS / "ablations" / "ema_chosen_after_training.yaml"), *args, "--device", "cpu"]) == 0
+    run, = client.search_runs([client.get_experiment_by_name("iclevr-ablations").experiment_id])
+    candidates = {length: run.data.metrics[f"ema_x{length}_val_accuracy"] for length in ("0.25", "0.5", "2", "4")}
+    curve = [m.value for m in client.get_metric_history(run.info.run_id, mlflow_key("val_accuracy"))]
+    folder = Path(run.data.tags["best_checkpoint"]).parent
+    best = load_checkpoint(folder / "best.pt")
+    assert best["val_metrics"]["val_accuracy"] == max(curve + list(candidates.values()))
+    won = max(candidates.values()) > max(curve)
+    assert ("ema_length" in best) == won == ("ema_length_chosen" in run.data.tags)
+    latest = load_checkpoint(folder / "latest.pt")
+    assert sorted(latest["candidate_emas"]) == ["0.25", "0.5", "2.0", "4.0"]
+    assert latest["candidate_emas"]["0.5"]["decay"] == pytest.approx(1 - 0.1 / 0.5)
+
+
 def test_every_seed_keeps_the_callers_tags(monkeypatch):
     """--seeds trains one run per seed; each carries the group tag and every tag its caller passed."""
     import run_experiment
