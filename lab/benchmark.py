@@ -171,7 +171,7 @@ def bench_reference(setup, initial, args, steps, warmup):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             per_sample, _ = diffusion_loss(model, setup.noise_scheduler, x, y, generator, config.model.cfg_dropout,
-                                            config.model.self_conditioning)
+                                            config.model.self_conditioning, config.diffusion.loss_weighting)
             loss = per_sample.mean() / tc.grad_accum
             loss.backward()
         if tc.grad_clip:
@@ -345,7 +345,7 @@ def training_flops_per_image(setup):
     with FlopCounterMode(display=False) as counter, build.autocast(config, device):
         per_sample, _ = diffusion_loss(model, setup.noise_scheduler, x0, labels,
                                        torch.Generator(device).manual_seed(0), config.model.cfg_dropout,
-                                       config.model.self_conditioning)
+                                       config.model.self_conditioning, config.diffusion.loss_weighting)
         per_sample.float().mean().backward()
     return counter.get_total_flops() / batch
 

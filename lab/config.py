@@ -113,7 +113,7 @@ class DiffusionConfig(Section):
     beta_schedule: choice(BETA_SCHEDULES) = "cosine"
     num_train_timesteps: int = Field(1000, ge=2, le=10000)
     prediction_type: choice(PREDICTION_TYPES) = "epsilon"
-    loss_weighting: choice(LOSS_WEIGHTINGS) = "uniform"  # min_snr: Min-SNR-gamma weighting of the timesteps
+    loss_weighting: choice(LOSS_WEIGHTINGS) = "uniform"  # min_snr: Min-SNR-gamma; logit_normal: flow only (SD3)
     snr_gamma: float = Field(5.0, gt=0)  # min_snr's cap
 
 
@@ -239,9 +239,12 @@ def cross_checks(config):
     if config.train.ema.candidates and not config.train.ema.enabled:
         return [("train.ema.candidates", "candidate EMA lengths need train.ema.enabled: true")]
     diffusion = config.diffusion
-    if diffusion.objective == "flow_matching" and diffusion.loss_weighting != "uniform":
-        return [("diffusion.objective", f"flow_matching takes diffusion.loss_weighting: uniform "
-                                        f"({diffusion.loss_weighting} weights a noise schedule's SNR)")]
+    if diffusion.objective == "flow_matching" and diffusion.loss_weighting == "min_snr":
+        return [("diffusion.objective", "flow_matching takes diffusion.loss_weighting: uniform or logit_normal "
+                                        "(min_snr weights a noise schedule's SNR)")]
+    if diffusion.objective == "denoising" and diffusion.loss_weighting == "logit_normal":
+        return [("diffusion.loss_weighting", "logit_normal draws flow matching's timesteps; "
+                                             "diffusion.objective: denoising takes uniform or min_snr")]
     problem = sampler_steps_problem(config.eval.sampler, config.eval.steps, diffusion.num_train_timesteps,
                                     diffusion.objective)
     if problem:

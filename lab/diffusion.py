@@ -12,7 +12,7 @@ without gradients (zeros for the other half and at the first sampling step).
 """
 
 import torch
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 from lab.errors import choose
 from lab.schedules import LOSS_WEIGHTINGS, PREDICTION_TYPES, is_flow_matching
@@ -30,9 +30,12 @@ def loss_weights(scheduler, t, weighting: str = "uniform", snr_gamma: float = 5.
     min_snr (Hang et al. 2023, "Min-SNR weighting"): the weight of the equivalent x0 loss is min(SNR, gamma), so
     the nearly clean timesteps stop dominating the gradient. For an epsilon target that is min(1, gamma/SNR);
     for v it is min(SNR, gamma)/(SNR + 1).
+
+    logit_normal (Esser et al. 2024, SD3) weights flow matching's timesteps through the density `noised` draws
+    them from, so the loss itself is unweighted.
     """
     choose("loss_weighting", "loss weighting", weighting, LOSS_WEIGHTINGS)
-    if weighting == "uniform":
+    if weighting != "min_snr":
         return torch.ones(t.shape, device=t.device)
     snr = compute_snr(scheduler, t)
     if scheduler.config.prediction_type == "epsilon":
@@ -54,20 +57,23 @@ def predicted_x0(scheduler, x_t, t, pred):
     return a.sqrt() * x_t - (1 - a).sqrt() * pred
 
 
-def noised(noise_scheduler, x0, noise, generator):
+def noised(noise_scheduler, x0, noise, generator, weighting="uniform"):
     """(x_t, t, target) at random timesteps t in [0, num_train_timesteps): DDPM's integer steps, or for flow
-    matching s * T at a uniform s, with x_t = (1 - s) x0 + s noise and the velocity noise - x0 as target."""
+    matching s * T with x_t = (1 - s) x0 + s noise and the velocity noise - x0 as target, s uniform or, with the
+    logit_normal weighting, sigmoid of a standard normal (SD3: the middle of the line, where it is hardest)."""
     b, device, steps = len(x0), x0.device, noise_scheduler.config.num_train_timesteps
     if is_flow_matching(noise_scheduler):
-        s = torch.rand(b, generator=generator, device=device)
+        s = compute_density_for_timestep_sampling(weighting, b, logit_mean=0.0, logit_std=1.0, device=device,
+                                                  generator=generator)
         s_ = s.view(-1, 1, 1, 1)
         return (1 - s_) * x0 + s_ * noise, s * steps, noise - x0
     t = torch.randint(0, steps, (b,), generator=generator, device=device)
     return noise_scheduler.add_noise(x0, noise, t), t, training_target(noise_scheduler, x0, noise, t)
 
 
-def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.0, self_conditioning=False):
-    """Per-sample MSE to the training target at random timesteps, and those timesteps.
+def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.0, self_conditioning=False,
+                   weighting="uniform"):
+    """Per-sample MSE to the training target at random timesteps (drawn as `weighting` says), and those timesteps.
 
     With cfg_dropout > 0 a random share of rows uses the learned null condition (classifier-free guidance). With
     self_conditioning the model takes an x0 estimate: the first half of the batch (a random half: batches are
@@ -75,7 +81,7 @@ def diffusion_loss(model, noise_scheduler, x0, labels, generator, cfg_dropout=0.
     """
     b, device = len(x0), x0.device
     noise = torch.randn(x0.shape, generator=generator, device=device)
-    x_t, t, target = noised(noise_scheduler, x0, noise, generator)
+    x_t, t, target = noised(noise_scheduler, x0, noise, generator, weighting)
     drop = torch.rand(b, generator=generator, device=device) < cfg_dropout if cfg_dropout > 0 else None
     if self_conditioning:
         half, estimate = b // 2, torch.zeros_like(x_t)

@@ -39,7 +39,9 @@ FLOW_SAMPLERS = {
 }
 OBJECTIVES = {"denoising": SAMPLERS, "flow_matching": FLOW_SAMPLERS}  # the objective -> the samplers it takes
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the model predicts, in diffusers' names
-LOSS_WEIGHTINGS = ("uniform", "min_snr")  # the loss's weight over the timesteps (lab.diffusion.loss_weights)
+# the loss's weight over the timesteps (lab.diffusion.loss_weights); logit_normal weights flow matching's by
+# drawing them from that density (SD3) instead
+LOSS_WEIGHTINGS = ("uniform", "min_snr", "logit_normal")
 
 
 def _diffusers():

@@ -118,7 +118,8 @@ class TrainStep:
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         with build.autocast(config, self.device):
             per_sample, t = diffusion_loss(self.opt.forward, scheduler, x0, labels, self.generator,
-                                           config.model.cfg_dropout, config.model.self_conditioning)
+                                           config.model.cfg_dropout, config.model.self_conditioning,
+                                           config.diffusion.loss_weighting)
         weights = loss_weights(scheduler, t, config.diffusion.loss_weighting, config.diffusion.snr_gamma)
         ((per_sample * weights).mean() / config.train.grad_accum).backward()
         # the logged loss stays the unweighted MSE, comparable across weightings

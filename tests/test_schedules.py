@@ -197,6 +197,21 @@ def test_flow_matching_trains_on_the_straight_line_towards_the_velocity():
         make_sampler("ddim", flow)
 
 
+def test_the_logit_normal_weighting_draws_flow_matching_timesteps_from_the_middle_of_the_line():
+    flow = make_noise_scheduler(objective="flow_matching")
+    x0, noise = torch.rand(4096, 1, 1, 1), torch.randn(4096, 1, 1, 1)
+    middle = {}
+    for weighting in ("uniform", "logit_normal"):
+        x_t, t, target = noised(flow, x0, noise, torch.Generator().manual_seed(0), weighting)
+        s = (t / 1000).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)  # the same line and target, other timesteps
+        torch.testing.assert_close(target, noise - x0)
+        middle[weighting] = ((0.25 < s) & (s < 0.75)).float().mean().item()
+    # P(0.25 < s < 0.75) is 0.5 when uniform, P(|n| < logit 0.75 = 1.10) = 0.73 for sigmoid of a standard normal
+    assert abs(middle["uniform"] - 0.5) < 0.03 and abs(middle["logit_normal"] - 0.73) < 0.03
+    assert torch.equal(loss_weights(flow, t, "logit_normal"), torch.ones(4096))  # the density is the weighting
+
+
 @pytest.mark.parametrize("interval, guided", [((0.0, 1.0), 10), ((0.5, 1.0), 5), ((0.0, 0.3), 3), ((0.35, 0.75), 4)])
 def test_guidance_applies_only_within_its_interval(interval, guided):
     """DDIM's 10 trailing steps of 1000 sit at t/T = 0.999, 0.899, ..., 0.099: a guided step runs the doubled
