@@ -5,7 +5,7 @@ every figure; bench.py prints them.
 
 The reference loop is the common baseline the fast path replaces: a torch DataLoader whose Dataset opens each
 PNG with PIL per item and applies torchvision's Resize/ToTensor/Normalize, fp32, eager, plain (not fused) Adam
-and `loss.item()` every step. It trains the same architecture on the same loss (`lab.diffusion.diffusion_loss`),
+and `loss.item()` every step. It trains the same architecture on the same loss (`lab.build.training_loss`),
 with the same gradient clipping and EMA as the config, so the ratio measures the input pipeline and the
 execution settings, not dropped work.
 """
@@ -33,7 +33,6 @@ from tqdm import tqdm
 from lab import build
 from lab.config import load_config
 from lab.data.synthetic import write_root
-from lab.diffusion import diffusion_loss
 from lab.errors import UserError
 from lab.eval import build_resnet, for_evaluator, save_evaluator
 from lab.hardware import machine
@@ -154,7 +153,9 @@ def bench_reference(setup, initial, args, steps, warmup):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # plain fp32
     model = copy.deepcopy(initial).to(device).train()
     optimizer = build.make_optimizer(config, model.parameters())  # not fused
-    ema = build.make_ema(config, model.parameters())
+    # the candidate EMA lengths step too, as in the fast path: the same work on both sides
+    emas = [ema for ema in (build.make_ema(config, model.parameters()),
+                            *build.make_candidate_emas(config, model.parameters()).values()) if ema is not None]
     generator = torch.Generator(device).manual_seed(config.seed)
     batches = None
     losses = []
@@ -170,14 +171,13 @@ def bench_reference(setup, initial, args, steps, warmup):
         for _ in range(tc.grad_accum):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            per_sample, _ = diffusion_loss(model, setup.noise_scheduler, x, y, generator, config.model.cfg_dropout,
-                                            config.model.self_conditioning, config.diffusion.loss_weighting)
+            per_sample, _ = build.training_loss(config, model, setup.noise_scheduler, x, y, generator)
             loss = per_sample.mean() / tc.grad_accum
             loss.backward()
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
-        if ema is not None:
+        for ema in emas:
             ema.step(model.parameters())
         losses.append(loss.item() * tc.grad_accum)  # a typical script reads the loss back every step
 
@@ -343,9 +343,8 @@ def training_flops_per_image(setup):
     x0 = setup.data.images[:batch].to(device).float().div(127.5).sub(1)
     labels = setup.data.labels[:batch].to(device)
     with FlopCounterMode(display=False) as counter, build.autocast(config, device):
-        per_sample, _ = diffusion_loss(model, setup.noise_scheduler, x0, labels,
-                                       torch.Generator(device).manual_seed(0), config.model.cfg_dropout,
-                                       config.model.self_conditioning, config.diffusion.loss_weighting)
+        per_sample, _ = build.training_loss(config, model, setup.noise_scheduler, x0, labels,
+                                            torch.Generator(device).manual_seed(0))
         per_sample.float().mean().backward()
     return counter.get_total_flops() / batch
 

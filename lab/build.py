@@ -20,6 +20,7 @@ from lab.checks import check_run
 from lab.data.iclevr import load_condition_sets, load_train
 from lab.data.labels import load_objects
 from lab.data.roots import resolve_root
+from lab.diffusion import diffusion_loss
 from lab.evaluator_cache import ensure_evaluator, strict_judge_for
 from lab.hardware import fast_bf16
 from lab.model_zoo import build_model
@@ -158,7 +159,17 @@ def make_ema(config, parameters, length=1.0):
     """The config's EMA, or one `length` times as long (1 / (1 - decay) is its averaging length in steps)."""
     ema = config.train.ema
     decay = 1 - (1 - ema.decay) / length
-    return EMAModel(parameters, decay=decay, use_ema_warmup=ema.warmup) if ema.enabled else None
+    # the warm-up caps the decay at 1 - (1 + step / inv_gamma)^(-2/3): a ramp as long as the EMA, else every
+    # candidate would sit on the same cap for the whole of a short run (base.yaml's 0.9999 for ~1M steps)
+    return EMAModel(parameters, decay=decay, use_ema_warmup=ema.warmup, inv_gamma=length ** -1.5) \
+        if ema.enabled else None
+
+
+def training_loss(config, forward, noise_scheduler, x0, labels, generator):
+    """Per-sample diffusion loss and timesteps of one batch with the config's label dropout, self-conditioning and
+    timestep density (lab.diffusion.diffusion_loss); the one place the trainer and the benchmark call it from."""
+    return diffusion_loss(forward, noise_scheduler, x0, labels, generator, config.model.cfg_dropout,
+                          config.model.self_conditioning, config.diffusion.loss_weighting)
 
 
 def make_candidate_emas(config, parameters):

@@ -236,8 +236,16 @@ def cross_checks(config):
     problem = conditioning_problem(model.unet, model.conditioning)
     if problem:
         return [("model.unet", problem)]
-    if config.train.ema.candidates and not config.train.ema.enabled:
+    ema = config.train.ema
+    if ema.candidates and not ema.enabled:
         return [("train.ema.candidates", "candidate EMA lengths need train.ema.enabled: true")]
+    if len(set(ema.candidates)) < len(ema.candidates) or 1 in ema.candidates:
+        return [("train.ema.candidates", f"{ema.candidates}: lengths differ from each other and from the main "
+                                         "EMA's (1)")]
+    too_short = [length for length in ema.candidates if (1 - ema.decay) / length >= 1]
+    if too_short:
+        return [("train.ema.candidates", f"{too_short[0]:g} times train.ema.decay {ema.decay:g}'s length is under "
+                                         "one step (a decay of at most 0)")]
     diffusion = config.diffusion
     if diffusion.objective == "flow_matching" and diffusion.loss_weighting == "min_snr":
         return [("diffusion.objective", "flow_matching takes diffusion.loss_weighting: uniform or logit_normal "

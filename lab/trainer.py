@@ -23,7 +23,7 @@ from lab import build, parallel, run_folder
 from lab.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint, write_atomic
 from lab.config import to_yaml
 from lab.data.iclevr import normalize
-from lab.diffusion import diffusion_loss, loss_weights
+from lab.diffusion import loss_weights
 from lab.errors import UserError
 from lab.eval import BINDING_ERRORS, binding_errors, for_evaluator, judge_samples, nonfinite, over_seeds
 from lab.evaluator_cache import evaluator_ready
@@ -117,12 +117,10 @@ class TrainStep:
             flip = torch.rand(len(x0), generator=self.generator, device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         with build.autocast(config, self.device):
-            per_sample, t = diffusion_loss(self.opt.forward, scheduler, x0, labels, self.generator,
-                                           config.model.cfg_dropout, config.model.self_conditioning,
-                                           config.diffusion.loss_weighting)
+            per_sample, t = build.training_loss(config, self.opt.forward, scheduler, x0, labels, self.generator)
         weights = loss_weights(scheduler, t, config.diffusion.loss_weighting, config.diffusion.snr_gamma)
         ((per_sample * weights).mean() / config.train.grad_accum).backward()
-        # the logged loss stays the unweighted MSE, comparable across weightings
+        # the logged loss stays the unweighted MSE (logit_normal still changes which timesteps it averages)
         per_sample = per_sample.detach()
         quartile = (t * 4 // scheduler.config.num_train_timesteps).long().clamp(max=3)  # flow matching's t is real
         self.loss_sums[0].index_add_(0, quartile, per_sample)

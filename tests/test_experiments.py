@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from lab.checkpoints import load_checkpoint
@@ -105,6 +106,9 @@ def test_the_ema_length_is_chosen_after_training_on_validation(shrunk):
     latest = load_checkpoint(folder / "latest.pt")
     assert sorted(latest["candidate_emas"]) == ["0.25", "0.5", "2.0", "4.0"]
     assert latest["candidate_emas"]["0.5"]["decay"] == pytest.approx(1 - 0.1 / 0.5)
+    # each length warms up over a ramp of its own, so the four are four different averages after 4 steps
+    firsts = [latest["candidate_emas"][length]["shadow_params"][0] for length in ("0.25", "0.5", "2.0", "4.0")]
+    assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
 
 
 def test_every_seed_keeps_the_callers_tags(monkeypatch):
