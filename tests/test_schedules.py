@@ -273,3 +273,23 @@ def test_self_conditioned_training_feeds_half_the_batch_its_own_first_prediction
     assert model.batches == [4, 8] and model.grads == [False, True] and not model.estimates[0].any()
     torch.testing.assert_close(model.estimates[1][:4], target.expand(4, -1, -1, -1), atol=1e-5, rtol=0)
     assert not model.estimates[1][4:].any()
+
+
+def test_the_training_loss_takes_the_configs_timestep_density_self_conditioning_and_label_dropout():
+    """build.training_loss, the one call the trainer and the benchmark make, hands the config's choices on."""
+    from lab import build
+    from lab.config import load_config
+    from tests.conftest import EXPERIMENTS
+    config = load_config(EXPERIMENTS / "ablations" / "objective_flow_matching_logit_normal.yaml",
+                         ["model.self_conditioning=true", "model.cfg_dropout=0.5"])
+    calls = []
+
+    def model(x_t, t, labels, drop, *estimate):
+        calls.append((len(x_t), drop, estimate))
+        return torch.zeros_like(x_t)
+    _, t = build.training_loss(config, model, build.make_noise_scheduler(config), torch.zeros(4096, 1, 1, 1),
+                               torch.zeros(4096, 24), torch.Generator().manual_seed(0))
+    s = t / config.diffusion.num_train_timesteps
+    assert abs(((0.25 < s) & (s < 0.75)).float().mean().item() - 0.73) < 0.03  # logit-normal, not uniform
+    assert [(size, len(estimate)) for size, _, estimate in calls] == [(2048, 1), (4096, 1)]  # the x0 estimate pass
+    assert abs(calls[1][1].float().mean().item() - 0.5) < 0.03  # half the rows take the null condition
