@@ -3,20 +3,20 @@ import mlflow
 import pytest
 import torch
 
-from lab import trainer
+from lab import build
 from lab.checkpoints import load_checkpoint
 from lab.tracking import mlflow_key
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_at_its_step(tiny_experiment, tmp_path, monkeypatch, capsys):
-    real_loss, calls = trainer.diffusion_loss, {"n": 0}
+    real_loss, calls = build.training_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         per_sample, t = real_loss(*args, **kwargs)
         return (per_sample * float("nan") if calls["n"] == 10 else per_sample), t
-    monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
+    monkeypatch.setattr(build, "training_loss", poisoned)
     from run_experiment import main
     assert main([str(tiny_experiment), "--set", "train.checkpoint_every=1"]) == 1  # base.yaml saves every 5
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
