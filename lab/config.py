@@ -240,8 +240,8 @@ def cross_checks(config):
     if ema.candidates and not ema.enabled:
         return [("train.ema.candidates", "candidate EMA lengths need train.ema.enabled: true")]
     if len(set(ema.candidates)) < len(ema.candidates) or 1 in ema.candidates:
-        return [("train.ema.candidates", f"{ema.candidates}: lengths differ from each other and from the main "
-                                         "EMA's (1)")]
+        return [("train.ema.candidates", f"{ema.candidates}: each length must differ from the others and from "
+                                         "the main EMA's (1)")]
     too_short = [length for length in ema.candidates if (1 - ema.decay) / length >= 1]
     if too_short:
         return [("train.ema.candidates", f"{too_short[0]:g} times train.ema.decay {ema.decay:g}'s length is under "
