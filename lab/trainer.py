@@ -150,10 +150,10 @@ class TrainStep:
         self.model.load_state_dict(state["model"])
         self.opt.optimizer.load_state_dict(state["optimizer"])
         self.opt.lr_schedule.load_state_dict(state["lr_schedule"])
-        if self.opt.ema is not None:
-            self.opt.ema.load_state_dict(state["ema"])
-        for length, ema in self.opt.candidate_emas.items():
-            ema.load_state_dict(state["candidate_emas"][str(length)])
+        emas = {None: self.opt.ema} if self.opt.ema is not None else {}
+        for length, ema in {**emas, **self.opt.candidate_emas}.items():
+            ema.load_state_dict(state["ema"] if length is None else state["candidate_emas"][str(length)])
+            ema.to(device=self.device)  # checkpoints load on the CPU; the EMA step meets the model's weights
 
     def sampling_model(self, length=None):
         """The weights used for evaluation and sampling: the EMA copy when EMA is on (with `length`, that

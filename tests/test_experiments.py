@@ -398,3 +398,19 @@ def test_a_sampling_only_change_reuses_the_trained_run(tiny_experiment, capsys):
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")}
     assert "trained_by" not in runs["tiny-lr"].data.tags and mlflow_key("loss") in runs["tiny-lr"].data.metrics
     assert "trained_by" not in runs["tiny-fresh"].data.tags and mlflow_key("loss") in runs["tiny-fresh"].data.metrics
+
+
+def test_a_resumed_train_step_keeps_its_emas_beside_the_model(tiny_experiment):
+    """latest.pt loads on the CPU (map_location), so a resumed run's EMA weights must follow the model to its
+    device: on a GPU the first EMA step after a resume met CPU tensors. Here a CPU checkpoint is loaded into a
+    step that trains on the meta device (no GPU in CI), and every EMA must end there."""
+    import torch
+
+    from lab import build, trainer
+    setup = build.prepare(load_config(tiny_experiment, ["train.ema.candidates=[2]"]), tiny_experiment, "cpu")
+    step = trainer.TrainStep(setup)
+    state = step.state_dict()
+    step.device = torch.device("meta")
+    step.load_state_dict(state)
+    for ema in (step.opt.ema, *step.opt.candidate_emas.values()):
+        assert {p.device.type for p in ema.shadow_params} == {"meta"}
