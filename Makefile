@@ -31,11 +31,16 @@ demo: $(VENV)/.installed
 # (base.yaml: GPU scale; experiments/cpu_suite.yaml: the CPU scale, about two hours on 2 cores), then the table
 # and charts of that preset's MLflow experiment. Re-running resumes interrupted runs and skips finished ones;
 # an ablation that changes nothing on BASE is skipped, and one that changes only sampling reuses the training.
+# JOBS runs that many at a time, the base's seeds first (sampling-only ablations sample its weights); above two,
+# point MLFLOW_TRACKING_URI at an `mlflow server`, as SQLite takes one writer at a time. ARGS go to every run.
 SEEDS ?= 0 1 2
 BASE ?= experiments/base.yaml
+JOBS ?= 1
+ARGS ?=
 ablations: $(VENV)/.installed
-	$(PY) run_experiment.py $(BASE) --seeds $(SEEDS)
-	for f in experiments/ablations/*.yaml; do $(PY) run_experiment.py $$f --base $(BASE) --seeds $(SEEDS) || exit 1; done
+	printf '%s\n' $(SEEDS) | xargs -P $(JOBS) -I{} $(PY) run_experiment.py $(BASE) --seeds {} $(ARGS)
+	for f in experiments/ablations/*.yaml; do for s in $(SEEDS); do echo $$f $$s; done; done | \
+	  xargs -P $(JOBS) -L 1 sh -c '$(PY) run_experiment.py "$$0" --base $(BASE) --seeds "$$1" $(ARGS)'
 	$(PY) compare.py --experiment "$$($(PY) run_experiment.py $(BASE) --dry-run | sed -n 's/^experiment: //p')" --charts
 
 clean:
