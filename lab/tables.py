@@ -222,7 +222,9 @@ def row_changes(table):
 
 
 def _shorten(text, width=30):
-    return text if len(text) <= width else text[:width - 1] + "…"
+    """The start and the end of a long label: rows that differ in a change's last value stay apart."""
+    head = (width - 1) // 2
+    return text if len(text) <= width else text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def display_rows(table, pm="±", bold=lambda s: f"**{s}**", noise="(noise)", wide=True):
